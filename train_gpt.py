@@ -155,8 +155,7 @@ class Config:
     # CTW mixing at evaluation
     ctw_weight: float = 0.0  # CTW_WEIGHT: mixture weight of the context-tree model (0: off, bit-identical)
     ctw_depth: int = 4  # CTW_DEPTH
-    control_tensor_name_patterns: str = (  # CONTROL_TENSOR_NAME_PATTERNS: fp32-kept scalars, no decay group
-        "attn_scale,mlp_scale,resid_mix,q_gain,skip_weights,smear,ve_layer_scales,ve_shared.scale,bigram.scale")
+    control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
 
     # -- derived --
     @property
@@ -570,3 +569,725 @@ def load_tokenizer_luts(cfg: Config) -> ByteLuts:
         raise DataError(f"TOKENIZER_PATH {cfg.tokenizer_path} has vocab size {sp.vocab_size()} but "
                         f"VOCAB_SIZE={cfg.vocab_size}: make them agree")
     return build_byte_luts(sp, cfg.vocab_size)
+
+
+# ---- model ----
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention on (B,T,H,D) q and (B,T,Hkv,D) k/v; the only attention dispatch in the file."""
+    if q.is_cuda and q.dtype == torch.bfloat16 and (_fa3 or _fa2):
+        out = (_fa3 or _fa2)(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def attention_backend(device: torch.device) -> str:
+    if device.type == "cuda" and _fa3:
+        return "flash_attn_3"
+    if device.type == "cuda" and _fa2:
+        return "flash_attn_2"
+    return "sdpa"
+
+
+def fake_quant_int6(w: Tensor) -> Tensor:
+    """Straight-through per-row int6 fake quantization on the export grid (+-31, row-max scale)."""
+    s = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 31
+    return w + ((w / s).round().clamp(-31, 31) * s - w).detach()
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first `dims` dims of each head, rotate-half style inside them.
+
+    NTK scaling keys on the reference's hard-coded train length of 1024 (quirk kept: at T=2048 the base
+    becomes base*2^(dims/(dims-2)), which is what the seed's numbers were measured with)."""
+
+    NTK_LEN = 1024
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims, self.base = dims, base
+        self._cache: dict = {}
+
+    def cos_sin(self, T: int, device) -> tuple[Tensor, Tensor]:
+        key = (T, str(device))
+        if key not in self._cache:
+            base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
+            inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims)
+            ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+            self._cache[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
+        return self._cache[key]
+
+    def __call__(self, x: Tensor) -> Tensor:  # (B,T,H,D)
+        if self.dims == 0:
+            return x
+        cos, sin = self.cos_sin(x.size(1), x.device)
+        cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+        half = self.dims // 2
+        x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+class BigramHash(nn.Module):
+    """Hashed (prev, cur) token-pair embedding; position 0 of every row uses the last bucket (quirk kept)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids32 = ids.to(torch.int32)
+        h = torch.bitwise_xor(36313 * ids32[:, 1:], 27191 * ids32[:, :-1]) % (self.buckets - 1)
+        h = torch.cat((torch.full_like(ids32[:, :1], self.buckets - 1), h), dim=1)
+        return self.scale * self.proj(self.embed(h.long()))
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(ids))
+
+
+class Block(nn.Module):
+    """Per-block scalars; the block's matrices live in the GPT's banks and are passed in."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        D = cfg.model_dim
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.attn_scale = nn.Parameter(torch.ones(D))
+        self.mlp_scale = nn.Parameter(torch.ones(D))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(D), torch.zeros(D))))
+        self.ln = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, ve):
+        B, T, D = x.shape
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        h = rms_norm(x) * self.ln
+        q = F.linear(h, wq.to(h.dtype)).view(B, T, self.H, self.hd)
+        k = F.linear(h, wk.to(h.dtype)).view(B, T, self.Hkv, self.hd)
+        v = F.linear(h, wv.to(h.dtype))
+        if ve is not None:
+            v = v + ve.to(v.dtype)
+        v = v.view(B, T, self.Hkv, self.hd)
+        q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = attend(q, k, v)
+        if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
+            yg = y.view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.hd)
+        x = x + self.attn_scale * F.linear(y.reshape(B, T, D), wo.to(y.dtype))
+        u = F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5).square()
+        return x + self.mlp_scale * F.linear(u, wdown.to(u.dtype))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        L, D, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
+        kv = cfg.num_kv_heads * cfg.head_dim
+        self.tok_emb = nn.Embedding(V, D)
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, D) if cfg.bigram_vocab_size else None
+        self.smear = nn.Parameter(torch.zeros(D))  # SmearGate logit per channel
+        self.n_enc = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), D))
+        # banks: [i] = layer i's Q / K / up / down, [L+i] = layer i's out-proj / V
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, D))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, cfg.mlp_dim, D))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, D, cfg.mlp_dim))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
+        self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv, len(self.ve_layers)) if self.ve_layers else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, V, bias=False)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.qat = False
+        self._init_weights()
+
+    def _init_weights(self):
+        cfg, L = self.cfg, self.cfg.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        with torch.no_grad():
+            for i in range(L):
+                for bank, j in ((self.qo_bank, i), (self.kv_bank, i), (self.kv_bank, L + i), (self.mlp_up_bank, i)):
+                    nn.init.orthogonal_(bank[j])
+            self.qo_bank[L:].zero_()
+            self.mlp_down_bank.zero_()
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight)  # the reference's generic pass overrides its zero init
+        if self.ve_shared is not None:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+            nn.init.orthogonal_(self.ve_shared.proj.weight)
+        if self.lm_head is not None:
+            nn.init.orthogonal_(self.lm_head.weight)
+
+    def banks(self):
+        return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks."""
+        L = self.cfg.num_layers
+        qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.qat and self.training else self.banks()
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = rms_norm(x)
+        g = torch.sigmoid(self.smear).to(x.dtype)
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        x0, skips = x, []
+        ve = self.ve_shared(ids) if self.ve_shared is not None else None
+        for i, blk in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+            ve_i = ve * self.ve_shared.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
+            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, ve_i)
+            if i < self.n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def raw_logits(self, h: Tensor) -> Tensor:
+        """(…,D) -> (…,V) fp32 logits before the softcap; linear in h, which SLOT relies on."""
+        return F.linear(h.float(), self.head_weight().float())
+
+    def softcap(self, z: Tensor) -> Tensor:
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def compute_logits(self, h: Tensor) -> Tensor:
+        """(B,T,D) -> (B,T,V) fp32 softcapped logits: the head."""
+        return self.softcap(self.raw_logits(h))
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits = self.compute_logits(self.forward_hidden(ids))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- optim ----
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int) -> Tensor:
+    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices, in bf16."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).float()
+
+
+class ParallelMuon:
+    """Muon on the parameter banks, sharded over ranks: reduce-scatter the grads (async), momentum and
+    Newton-Schulz on the local shard, all-gather the updates. World size 1 is the same code with one shard."""
+
+    def __init__(self, banks: list[nn.Parameter], cfg: Config, rt: Runtime):
+        self.banks, self.cfg, self.rt = banks, cfg, rt
+        W = rt.world_size
+        self.per = [-(-b.size(0) // W) for b in banks]  # matrices per rank (banks padded to a multiple of W)
+        self.bufs = [torch.zeros(p, *b.shape[1:], device=b.device) for p, b in zip(self.per, banks)]
+        self.lr, self.momentum = cfg.matrix_lr, cfg.muon_momentum
+        self._shards: list = []
+
+    def launch(self) -> None:
+        """Start averaging the bank grads; each rank receives its shard."""
+        W, self._shards = self.rt.world_size, []
+        for b, per in zip(self.banks, self.per):
+            g = b.grad
+            if W == 1:
+                self._shards.append((g, None))
+                continue
+            pad = torch.zeros(per * W, *g.shape[1:], device=g.device, dtype=torch.float32)
+            pad[: g.size(0)] = g
+            out = torch.empty(per, *g.shape[1:], device=g.device, dtype=torch.float32)
+            self._shards.append((out, dist.reduce_scatter_tensor(out, pad, async_op=True)))
+
+    def shard_sq_norm(self) -> Tensor:
+        """Sum of squares of this rank's averaged shard grads (waits for the reduce-scatters)."""
+        total = torch.zeros((), device=self.rt.device, dtype=torch.float64)
+        for i, (g, work) in enumerate(self._shards):
+            if work is not None:
+                work.wait()
+                g.div_(self.rt.world_size)
+                self._shards[i] = (g, None)
+            total += g.double().square().sum()
+        return total
+
+    @torch.no_grad()
+    def step(self, clip_scale: float) -> None:
+        W, r = self.rt.world_size, self.rt.rank
+        gathers = []
+        for b, per, buf, (g, _) in zip(self.banks, self.per, self.bufs, self._shards):
+            g = g * clip_scale
+            buf.mul_(self.momentum).add_(g)
+            upd = newton_schulz(g + self.momentum * buf, self.cfg.muon_backend_steps)
+            upd *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            if W == 1:
+                gathers.append((b, upd, None))
+                continue
+            full = torch.empty(per * W, *upd.shape[1:], device=upd.device, dtype=upd.dtype)
+            gathers.append((b, full, dist.all_gather_into_tensor(full, upd.contiguous(), async_op=True)))
+        for b, full, work in gathers:
+            if work is not None:
+                work.wait()
+            b.mul_(1 - self.lr * self.cfg.muon_wd).add_(full[: b.size(0)].to(b.dtype), alpha=-self.lr)
+
+    def state_dict(self) -> dict:
+        return {"bufs": [t.clone() for t in self.bufs]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for t, s in zip(self.bufs, sd["bufs"]):
+            t.copy_(s)
+
+
+class Optimizers:
+    """Muon for the banks, AdamW for embeddings (TIED_EMBED_LR) and everything else (SCALAR_LR).
+    Grads are averaged over ranks first, then clipped by their global norm (GRAD_CLIP_NORM)."""
+
+    def __init__(self, model: GPT, cfg: Config, rt: Runtime):
+        self.model, self.cfg, self.rt = model, cfg, rt
+        banks = list(model.banks())
+        bank_ids = {id(p) for p in banks}
+        emb = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve_shared) if m is not None]
+        emb_ids = {id(p) for p in emb}
+        head = [model.lm_head.weight] if model.lm_head is not None else []
+        rest = [p for p in model.parameters() if id(p) not in bank_ids | emb_ids and not any(p is h for h in head)]
+        groups = [dict(params=emb, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
+                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                      weight_decay=cfg.adam_wd, fused=rt.cuda)
+        self.muon = ParallelMuon(banks, cfg, rt)
+        self.replicated = [p for g in groups for p in g["params"]]
+
+    def set_schedule(self, lr_mul: float, step: int) -> None:
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_mul
+        self.muon.lr = self.cfg.matrix_lr * lr_mul
+        self.muon.momentum = muon_momentum_at(step, self.cfg)
+
+    def step(self) -> float:
+        """Average grads over ranks, clip by the global norm, step both optimizers. Returns the grad norm."""
+        self.muon.launch()
+        grads = [p.grad for p in self.replicated if p.grad is not None]
+        if self.rt.world_size > 1 and grads:
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            all_reduce_(flat).div_(self.rt.world_size)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off: off + g.numel()].view_as(g))
+                off += g.numel()
+        sq = sum((g.double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.rt.device))
+        bank_sq = self.muon.shard_sq_norm()
+        total = (sq + all_reduce_(bank_sq)).sqrt().item()
+        clip = self.cfg.grad_clip_norm
+        scale = min(1.0, clip / (total + 1e-6)) if clip > 0 else 1.0
+        if scale < 1.0:
+            torch._foreach_mul_(grads, scale)
+        self.adam.step()
+        self.muon.step(scale)
+        return total
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.adam.load_state_dict(sd["adam"])
+        self.muon.load_state_dict(sd["muon"])
+
+
+def muon_momentum_at(step: int, cfg: Config) -> float:
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
+    """Linear warmdown: on the wall clock (WARMDOWN_ITERS x measured step time before the cap), or over the
+    last WARMDOWN_ITERS of ITERATIONS when MAX_WALLCLOCK_SECONDS is 0. No LR warmup."""
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cfg.max_wallclock_seconds <= 0:
+        start = max(cfg.iterations - cfg.warmdown_iters, 0)
+        return 1.0 if step < start else max(cfg.iterations - step, 0) / max(cfg.warmdown_iters, 1)
+    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining = max(cfg.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
+    return remaining / max(warmdown_ms, 1e-9) if remaining <= warmdown_ms else 1.0
+
+
+# ---- train ----
+class Logger:
+    """Rank 0 writes each line to stdout and logs/<RUN_ID>.txt; other ranks stay silent."""
+
+    def __init__(self, path: Path | None, is_main: bool):
+        self.path, self.is_main, self.bar = path, is_main, None
+        if path and is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", encoding="utf-8")
+        else:
+            self.fh = None
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        if console:
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
+        if self.fh:
+            self.fh.write(msg + "\n")
+            self.fh.flush()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach().float() for p in self.params], alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
+
+
+def grad_accum_steps(cfg: Config, world: int) -> int:
+    """8 micro-steps per rank-world of 8 (the reference's rule), so the global batch is world-independent."""
+    if world > 8 or 8 % world:
+        raise UserError(f"world size {world} must divide 8 (the global batch TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}"
+                        " is split into 8 micro-batches): use 1, 2, 4 or 8 processes")
+    accum = 8 // world
+    if cfg.train_batch_tokens % (world * accum * cfg.train_seq_len):
+        raise UserError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not divisible by 8 x TRAIN_SEQ_LEN="
+                        f"{cfg.train_seq_len}: each of the 8 micro-batches needs whole sequences")
+    return accum
+
+
+def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clock=time.perf_counter) -> dict:
+    """Wall-clock-budgeted training; returns {steps, train_seconds}. EMA weights are applied at the end."""
+    accum = grad_accum_steps(cfg, rt.world_size)
+    local_tokens = cfg.train_batch_tokens // (rt.world_size * accum)
+    fwd = maybe_compile(model, rt)
+    opt = Optimizers(model, cfg, rt)
+
+    def micro_steps(loader) -> Tensor:
+        total = torch.zeros((), device=rt.device)
+        for _ in range(accum):
+            x, y = loader.next_batch(local_tokens, cfg.train_seq_len)
+            with amp_ctx(rt):
+                loss = fwd(x, y)
+            (loss / accum).backward()
+            total += loss.detach() / accum
+        return total
+
+    if cfg.warmup_steps:  # prime compile/allocator on real steps, then restore the initial state
+        init_model, init_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+        loader = DistributedLoader(cfg, rt)
+        model.train()
+        for ws in range(cfg.warmup_steps):
+            opt.zero_grad()
+            micro_steps(loader)
+            opt.set_schedule(1.0, 0)
+            opt.step()
+            if cfg.warmup_steps <= 20 or (ws + 1) % 10 == 0 or ws + 1 == cfg.warmup_steps:
+                log(f"warmup_step:{ws + 1}/{cfg.warmup_steps}")
+        model.load_state_dict(init_model)
+        opt.load_state_dict(init_opt)
+        opt.zero_grad()
+    loader = DistributedLoader(cfg, rt)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
+    model.qat = cfg.qat_enabled
+    bar = None
+    if rt.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = log.bar = tqdm(total=cfg.iterations, desc="train", unit="step", leave=False)
+    train_ms, step, stop_after = 0.0, 0, False
+    sync(rt)
+    t0 = clock()
+    while True:
+        last = step == cfg.iterations or stop_after
+        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+            sync(rt)
+            train_ms += 1000 * (clock() - t0)
+            vl, vb = evaluate_plain(model, val, cfg, rt)
+            log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync(rt)
+            t0 = clock()
+        if last:
+            break
+        mul = lr_mul(step, train_ms + 1000 * (clock() - t0), cfg)
+        if cfg.late_qat and not model.qat and mul < cfg.late_qat_threshold:
+            model.qat = True
+            log(f"late_qat:enabled step:{step} scale:{mul:.4f}")
+        model.train()
+        opt.zero_grad()
+        loss = micro_steps(loader)
+        opt.set_schedule(mul, step)
+        opt.step()
+        if ema is not None:
+            ema.update()
+        step += 1
+        loss_v = loss.item()
+        if not math.isfinite(loss_v):
+            raise UserError(f"non-finite training loss ({loss_v}) at step {step}: lower the learning rates "
+                            "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        elapsed = train_ms + 1000 * (clock() - t0)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr_mul=f"{mul:.3f}")
+        if step <= 10 or step % max(cfg.train_log_every, 1) == 0:
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss_v:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
+        reached = torch.tensor(float(cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds),
+                               device=rt.device)
+        if rt.world_size > 1:
+            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        if reached.item() and not stop_after:
+            stop_after = True
+            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+    if bar is not None:
+        bar.close()
+        log.bar = None
+    model.qat = False
+    if ema is not None:
+        log("ema:applying EMA weights")
+        ema.apply()
+    return {"steps": step, "train_seconds": train_ms / 1000}
+
+
+# ---- artifact ----
+ARTIFACT_MAGIC = b"PGOLF-A1"
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+               "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "rope_dims",
+               "ln_scale", "ve_enabled", "ve_dim", "ve_layers")
+INT6_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+INT8_CLIP_Q = 0.9999984
+PASSTHROUGH_MAX = 65536
+BANK_NAMES = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"),
+              "mlp_up_bank": ("mlp.fc", None), "mlp_down_bank": ("mlp.proj", None)}
+
+
+class ArtifactError(UserError):
+    pass
+
+
+def unbank(sd: dict, L: int) -> dict:
+    """Banks -> per-layer 2-D matrices with the baseline's names (blocks.{i}.attn.c_q.weight, ...)."""
+    out = {k: v for k, v in sd.items() if k not in BANK_NAMES}
+    for bank, (lo, hi) in BANK_NAMES.items():
+        for i in range(L):
+            out[f"blocks.{i}.{lo}.weight"] = sd[bank][i]
+            if hi:
+                out[f"blocks.{i}.{hi}.weight"] = sd[bank][L + i]
+    return out
+
+
+def rebank(sd: dict, L: int) -> dict:
+    out = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and k.endswith(".weight") and
+                                                (".attn." in k or ".mlp." in k))}
+    for bank, (lo, hi) in BANK_NAMES.items():
+        mats = [sd[f"blocks.{i}.{lo}.weight"] for i in range(L)]
+        if hi:
+            mats += [sd[f"blocks.{i}.{hi}.weight"] for i in range(L)]
+        out[bank] = torch.stack(mats)
+    return out
+
+
+def quantize_rows(w: Tensor, qmax: int, percentiles) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization to [-qmax, qmax]; each row keeps the clip percentile with least error."""
+    w = w.float()
+    a = w.abs()
+    clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1) if len(percentiles) > 1 or \
+        percentiles[0] < 1 else a.amax(dim=1)[None]
+    best_q, best_s, best_err = None, None, None
+    for clip in clips:
+        s = (clip / qmax).clamp_min(1e-10).half()
+        q = (w / s.float()[:, None]).round().clamp(-qmax, qmax)
+        err = (q * s.float()[:, None] - w).square().sum(1)
+        if best_err is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_s
+
+
+def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
+    """int6 (attn/mlp matrices), int8 (embeddings), fp16 passthrough (<= 65,536 elements). Returns (arrays, meta)."""
+    keep32 = tuple(p for p in cfg.control_tensor_name_patterns.split(",") if p)
+    arrays, meta = {}, {}
+    for name, t in unbank(sd, cfg.num_layers).items():
+        t = t.detach().cpu()
+        if t.numel() <= PASSTHROUGH_MAX or not t.is_floating_point():
+            kind = "fp32" if any(p in name for p in keep32) else "fp16"
+            arrays[name] = t.float().numpy() if kind == "fp32" else t.half().numpy()
+        elif ".attn." in name or ".mlp." in name:
+            kind = "int6"
+            q, s = quantize_rows(t, 31, INT6_PERCENTILES)
+            arrays[name + ".q"], arrays[name + ".scale"] = q.numpy(), s.numpy()
+        else:
+            kind = "int8"
+            q, s = quantize_rows(t, 127, (INT8_CLIP_Q,))
+            arrays[name + ".q"], arrays[name + ".scale"] = q.numpy(), s.numpy()
+        meta[name] = {"kind": kind, "shape": list(t.shape)}
+    return arrays, meta
+
+
+def dequantize_state(arrays: dict, meta: dict, cfg: Config) -> dict:
+    sd = {}
+    for name, m in meta.items():
+        if m["kind"] in ("int6", "int8"):
+            q, s = torch.tensor(arrays[name + ".q"]).float(), torch.tensor(arrays[name + ".scale"]).float()
+            sd[name] = (q * s[:, None]).view(m["shape"])
+        else:
+            sd[name] = torch.tensor(arrays[name]).float().view(m["shape"])
+    return rebank(sd, cfg.num_layers)
+
+
+def _compressors() -> dict:
+    out = {"lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
+    if zstandard is not None:
+        out["zstd"] = (lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+                       lambda b: zstandard.ZstdDecompressor().decompress(b))
+    if brotli is not None:
+        out["brotli"] = (lambda b: brotli.compress(b, quality=11, lgwin=24), brotli.decompress)
+    return out
+
+
+def pack_artifact(arrays: dict, meta: dict, arch: dict) -> tuple[bytes, str, dict]:
+    """Serialize and compress with every available compressor; keep the smallest. Returns (blob, method, sizes)."""
+    header = json.dumps({"meta": meta, "arch": arch,
+                         "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}).encode()
+    payload = len(header).to_bytes(4, "little") + header + b"".join(np.ascontiguousarray(v).tobytes()
+                                                                      for v in arrays.values())
+    from concurrent.futures import ThreadPoolExecutor
+    comps = _compressors()
+    with ThreadPoolExecutor(len(comps)) as ex:
+        results = dict(zip(comps, ex.map(lambda c: c[0](payload), comps.values())))
+    method = min(results, key=lambda k: len(results[k]))
+    names = sorted(comps)
+    blob = (ARTIFACT_MAGIC + bytes([names.index(method)]) + len(names).to_bytes(1, "little") +
+            b"".join(n.encode().ljust(8, b"\0") for n in names) + zlib.crc32(payload).to_bytes(4, "little") +
+            results[method])
+    return blob, method, {k: len(v) for k, v in results.items()}
+
+
+def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, dict, dict]:
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ArtifactError(f"{path}: not an artifact of this program (bad magic)")
+    try:
+        idx, n = blob[len(ARTIFACT_MAGIC)], blob[len(ARTIFACT_MAGIC) + 1]
+        off = len(ARTIFACT_MAGIC) + 2
+        names = [blob[off + 8 * i: off + 8 * i + 8].rstrip(b"\0").decode() for i in range(n)]
+        off += 8 * n
+        crc = int.from_bytes(blob[off: off + 4], "little")
+        method = names[idx]
+        comps = _compressors()
+        if method not in comps:
+            raise ArtifactError(f"{path}: compressed with {method}, which is not installed (pip install -r requirements.txt)")
+        payload = comps[method][1](blob[off + 4:])
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(f"{path}: truncated or corrupted artifact ({type(e).__name__})") from None
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError(f"{path}: corrupted artifact (checksum mismatch)")
+    try:
+        hl = int.from_bytes(payload[:4], "little")
+        header = json.loads(payload[4: 4 + hl])
+        arrays, off = {}, 4 + hl
+        for name, dtype, shape in header["arrays"]:
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            arrays[name] = np.frombuffer(payload, dtype=dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
+            off += n
+    except Exception as e:
+        raise ArtifactError(f"{path}: corrupted artifact payload ({type(e).__name__})") from None
+    return arrays, header["meta"], header["arch"]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp name in the same folder, fsync, rename: a crash never leaves a partial file in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_model(model: GPT, cfg: Config) -> tuple[bytes, str, dict]:
+    arrays, meta = quantize_state(model.state_dict(), cfg)
+    return pack_artifact(arrays, meta, {k: getattr(cfg, k) for k in ARCH_FIELDS})
+
+
+def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
+    """A fresh model from an artifact file; its architecture overrides the config's shape fields."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"LOAD_ARTIFACT {path}: cannot read ({e.strerror})") from None
+    arrays, meta, arch = unpack_artifact(blob, path)
+    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+    cfg = dataclasses.replace(cfg, **arch)
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(dequantize_state(arrays, meta, cfg), strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise ArtifactError(f"{path}: artifact does not match the model ({str(e).splitlines()[0]})") from None
+    return model, cfg
+
+
+def code_bytes() -> int:
+    return len(Path(__file__).read_bytes())
