@@ -1291,3 +1291,438 @@ def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
 
 def code_bytes() -> int:
     return len(Path(__file__).read_bytes())
+
+
+# ---- eval ----
+@dataclass
+class ValData:
+    tokens: Tensor  # int64 (N+1,) on CPU: N targets
+    luts: ByteLuts | None  # None: no byte accounting (score_stream)
+
+
+def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over n target positions: (start, length, score_from). Window 0 scores all its positions;
+    each later one scores the `stride` positions after the previous one, the last window is shifted back to end
+    at n so every window keeps full context. Every position in [0, n) is scored exactly once."""
+    if n <= seq_len:
+        return [(0, n, 0)]
+    plan, end = [(0, seq_len, 0)], seq_len
+    while end < n:
+        new_end = min(end + stride, n)
+        plan.append((new_end - seq_len, seq_len, end - (new_end - seq_len)))
+        end = new_end
+    return plan
+
+
+def window_chunks(plan, chunk_tokens: int) -> list[int]:
+    """TTT chunk of each window: the chunk of its first scored position."""
+    return [(ws + lo) // chunk_tokens for ws, _, lo in plan]
+
+
+def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
+    """Non-overlapping training rows (start, length) covering positions [lo, hi)."""
+    return [(s, min(seq_len, hi - s)) for s in range(lo, hi, seq_len)]
+
+
+def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor, Tensor, int]:
+    """Which rows SLOT fits on: batch mode, every position of every window (one shared delta: NOT causal);
+    causal mode, each window's last `context` positions before its first scored one (all if 0), one delta per
+    window. Returns (fit mask (B,T), group index per fitted row, number of groups)."""
+    pos = torch.arange(T, device=los.device)[None, :]
+    if mode == "batch":
+        mask = torch.ones(los.numel(), T, dtype=torch.bool, device=los.device)
+        return mask, torch.zeros(int(mask.sum()), dtype=torch.long, device=los.device), 1
+    k = context or T
+    mask = (pos < los[:, None]) & (pos >= (los[:, None] - k))
+    group = torch.arange(los.numel(), device=los.device)[:, None].expand(-1, T)[mask]
+    return mask, group, los.numel()
+
+
+def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
+    """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
+
+    z: (R,V) fp32 raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head),
+    y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared clipping.
+    Returns (n_groups, D) fp32. Same update rule as torch.optim.AdamW."""
+    c, D = cfg.logit_softcap, W.size(1)
+    delta = torch.zeros(n_groups, D, device=z.device)
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
+    inv = (1.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).float())[group][:, None]
+    rows = torch.arange(y.numel(), device=z.device)
+    lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
+    for t in range(1, cfg.slot_steps + 1):
+        th = torch.tanh((z + (delta @ W.T)[group]) / c)
+        p = torch.softmax(c * th, dim=-1)
+        p[rows, y] -= 1
+        ga = p.mul_(1 - th * th).mul_(inv)  # d(mean CE)/d(z + u), row-wise
+        g = torch.zeros(n_groups, z.size(1), device=z.device).index_add_(0, group, ga) @ W
+        delta.mul_(1 - lr * cfg.slot_wd)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(cfg.slot_eps)
+        delta.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+    return delta
+
+
+def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
+                slot: bool) -> tuple[Tensor, dict]:
+    """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: fp64 NLL of scored rows}).
+    Variant "plain" is the model as is; "slot" adds the fitted delta (computed from the same hidden states)."""
+    B, T = x.shape
+    with torch.no_grad():
+        with amp_ctx(rt):
+            h = hidden_fn(x)
+        h = h.float()
+        W = model.head_weight().float()
+        scored = torch.arange(T, device=x.device)[None, :] >= los[:, None]
+        zs, ys = model.raw_logits(h[scored]), y[scored]
+        out = {"plain": F.cross_entropy(model.softcap(zs), ys, reduction="none").double()}
+        if slot:
+            fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
+            delta = fit_delta(model.raw_logits(h[fit]), y[fit], group, n_groups, W, cfg)
+            sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
+                torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
+            out["slot"] = F.cross_entropy(model.softcap(zs + (delta @ W.T)[sgroup]), ys, reduction="none").double()
+    return scored, out
+
+
+def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
+                    rt: Runtime) -> None:
+    """Train on positions [lo, hi) (all already scored): TTT_EPOCHS passes over non-overlapping rows split across
+    ranks, grads averaged over ranks, clipped, SGD."""
+    rows = ttt_rows(lo, hi, cfg.eval_seq_len)
+    a, b = shard_range(len(rows), rt.rank, rt.world_size)
+    mine = rows[a:b]
+    n_batches = max(-(-len(rows) // (cfg.ttt_batch_seqs * rt.world_size)), 1)  # equal on every rank
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    for _ in range(cfg.ttt_epochs):
+        for bi in range(n_batches):
+            part = mine[bi * cfg.ttt_batch_seqs: (bi + 1) * cfg.ttt_batch_seqs]
+            opt.zero_grad(set_to_none=False)
+            by_len: dict = {}
+            for s, n in part:
+                by_len.setdefault(n, []).append(s)
+            total = sum(n for _, n in part)
+            for n, starts in by_len.items():
+                xy = torch.stack([val.tokens[s: s + n + 1] for s in starts]).to(rt.device)
+                with amp_ctx(rt):
+                    loss = model(xy[:, :-1], xy[:, 1:])
+                (loss * (len(starts) * n / max(total, 1))).backward()
+            for p in params:  # average over ranks (ranks with no rows contribute zero)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if rt.world_size > 1:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                counts = torch.tensor([float(total)], device=rt.device)
+                all_reduce_(counts)
+                all_reduce_(flat.mul_(total / max(counts.item(), 1)))
+                off = 0
+                for p in params:
+                    p.grad.copy_(flat[off: off + p.numel()].view_as(p))
+                    off += p.numel()
+            for bank, k in frozen_banks:
+                bank.grad[k] = 0
+            if cfg.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+            opt.step()
+    model.eval()
+
+
+def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: int, stride: int, batch_seqs: int,
+              slot: bool, ttt: bool, collect: bool = False, log: Logger | None = None, label: str = "",
+              rank: int | None = None, world: int | None = None) -> dict:
+    """One left-to-right scoring pass. Without TTT: sliding windows. With TTT: the windows are grouped in chunks
+    of TTT_CHUNK_TOKENS; each chunk is scored first (inference mode), then trained on, except the last.
+    Returns {variant: {"nll", "tokens", "bytes", "loss", "bpb"}} (+ "nll_stream" per variant when collect)."""
+    rank = rt.rank if rank is None else rank
+    world = rt.world_size if world is None else world
+    tokens = val.tokens
+    n = tokens.numel() - 1
+    plan = window_plan(n, seq_len, stride)
+    C = cfg.ttt_chunk_tokens if ttt else max(n, 1)
+    n_chunks = -(-n // C)
+    by_chunk: list[list] = [[] for _ in range(n_chunks)]
+    for w, ch in zip(plan, window_chunks(plan, C)):
+        by_chunk[min(ch, n_chunks - 1)].append(w)
+    variants = ["plain"] + (["slot"] if slot else [])
+    sums = torch.zeros(len(variants), 3, dtype=torch.float64)
+    streams = {v: torch.full((n,), float("nan"), dtype=torch.float64) for v in variants} if collect else None
+    hidden_fn = maybe_compile(model.forward_hidden, rt)
+    luts = val.luts.to(rt.device) if val.luts is not None else None
+    if ttt:
+        saved = copy.deepcopy(model.state_dict())
+        frozen = [f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)]
+        params = [p for name, p in model.named_parameters() if not any(name.startswith(f) for f in frozen)]
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(name.startswith(f) for f in frozen))
+        L = cfg.num_layers
+        frozen_banks = [(b, list(range(cfg.ttt_freeze_blocks)) + list(range(L, L + cfg.ttt_freeze_blocks)))
+                        for b in (model.qo_bank, model.kv_bank)] + \
+                       [(b, list(range(cfg.ttt_freeze_blocks))) for b in (model.mlp_up_bank, model.mlp_down_bank)]
+        frozen_banks = [(b, k) for b, k in frozen_banks if k]
+        opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+        if log:
+            log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(plan)} stride={stride} "
+                f"ttt_lr={cfg.ttt_lr} ttt_epochs={cfg.ttt_epochs} freeze_blocks={cfg.ttt_freeze_blocks}")
+            n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + \
+                sum(len(k) * b[0].numel() for b, k in frozen_banks)
+            log(f"ttt_sliding:params unfrozen={count_params(model) - n_frozen} frozen={n_frozen}")
+    t0 = time.perf_counter()
+    model.eval()
+    for ci, wins in enumerate(by_chunk):
+        a, b = shard_range(len(wins), rank, world)
+        mine = wins[a:b]
+        for bi in range(0, len(mine), batch_seqs):
+            batch = mine[bi: bi + batch_seqs]
+            T = batch[0][1]
+            idx = torch.tensor([ws for ws, _, _ in batch])[:, None] + torch.arange(T + 1)[None, :]
+            xy = tokens[idx].to(rt.device)
+            x, y = xy[:, :-1], xy[:, 1:]
+            los = torch.tensor([lo for _, _, lo in batch], device=rt.device)
+            scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)
+            nbytes = luts.target_bytes(x[scored], y[scored]).sum().item() if luts is not None else 0
+            for vi, v in enumerate(variants):
+                sums[vi, 0] += nlls[v].sum().item()
+                sums[vi, 1] += nlls[v].numel()
+                sums[vi, 2] += nbytes
+                if collect:
+                    pos = (torch.tensor([ws for ws, _, _ in batch], device=rt.device)[:, None] +
+                           torch.arange(T, device=rt.device)[None, :])[scored]
+                    streams[v][pos.cpu()] = nlls[v].cpu()
+        if ttt and ci < n_chunks - 1:
+            lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+            ttt_train_chunk(model, opt, params, frozen_banks, val, ci * C, min((ci + 1) * C, n), lr, cfg, rt)
+        if ttt and log and (ci % 10 == 0 or ci == n_chunks - 1):
+            s = all_reduce_(sums.clone().to(rt.device)).cpu() if rt.world_size > 1 else sums
+            bpb = s[-1, 0] / math.log(2) / max(s[-1, 2].item(), 1)
+            log(f"  ttt_chunk [{ci + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
+    if ttt:
+        model.load_state_dict(saved)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if rt.world_size > 1:
+        sums = all_reduce_(sums.to(rt.device)).cpu()
+    out = {}
+    for vi, v in enumerate(variants):
+        nll, tok, nb = sums[vi].tolist()
+        loss = nll / max(tok, 1)
+        out[v] = {"nll": nll, "tokens": int(tok), "bytes": int(nb), "loss": loss,
+                  "bpb": nll / math.log(2) / nb if nb else float("nan")}
+        if collect:
+            out[v]["nll_stream"] = streams[v]
+    return out
+
+
+def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
+    """Non-overlapping TRAIN_SEQ_LEN rows, every target once (diagnostic and the roundtrip score)."""
+    rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
+    r = eval_pass(model, val, cfg, rt, seq_len=cfg.train_seq_len, stride=cfg.train_seq_len, batch_seqs=rows,
+                  slot=False, ttt=False)["plain"]
+    model.train()
+    return r["loss"], r["bpb"]
+
+
+def final_variant(cfg: Config) -> str:
+    return "slot" if cfg.slot_enabled else "plain"
+
+
+def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
+    """NLL (float64) of every target tokens[1:], in stream order, by the final evaluation's code path (sliding
+    windows, TTT and SLOT as configured) on one process. The model's weights are left as they were."""
+    device = next(model.parameters()).device
+    rt = Runtime(device=device, amp=cfg.amp, compile=False)
+    r = eval_pass(model, ValData(tokens.long().cpu(), None), cfg, rt, seq_len=cfg.eval_seq_len,
+                  stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled,
+                  ttt=cfg.ttt_enabled, collect=True)
+    return r[final_variant(cfg)]["nll_stream"]
+
+
+def stage_compliance(variant: str, cfg: Config) -> str:
+    """'causal' when every scored distribution depends only on the artifact and the strict prefix (C1-C4)."""
+    if variant == "slot" and cfg.slot_mode == "batch":
+        return "non-causal"
+    return "causal"
+
+
+def estimate_eval_seconds(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> float:
+    """Extrapolate the sliding and TTT passes from one timed scoring batch (forward ~1/3 of a train step)."""
+    T = min(cfg.eval_seq_len, val.tokens.numel() - 1)
+    x = val.tokens[: cfg.eval_batch_seqs * T].view(-1, T)[: cfg.eval_batch_seqs].to(rt.device) \
+        if val.tokens.numel() > cfg.eval_batch_seqs * T else val.tokens[:T][None].to(rt.device)
+    los = torch.full((x.size(0),), max(T - cfg.eval_stride, 0), device=rt.device)
+    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)  # warm
+    sync(rt)
+    t = time.perf_counter()
+    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)
+    sync(rt)
+    per_token = (time.perf_counter() - t) / x.numel()
+    n = val.tokens.numel() - 1
+    windows = len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
+    scoring = windows * T * per_token / rt.world_size
+    ttt = scoring + 3 * cfg.ttt_epochs * n * per_token / rt.world_size if cfg.ttt_enabled else 0.0
+    return scoring + ttt
+
+
+# ---- main ----
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+
+
+def run(env: dict) -> dict:
+    cfg = Config.from_env(env)
+    rt = setup_runtime(cfg, env)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    run_id = cfg.run_id or str(uuid.uuid4())
+    out_dir = Path(cfg.out_dir)
+    log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
+    log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
+        f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)}")
+    for w in env_warnings(env):
+        log(w)
+    log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))
+    luts = load_tokenizer_luts(cfg)
+    val = ValData(load_val_tokens(cfg), luts)
+    n_val = val.tokens.numel() - 1
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={cfg.tokenizer_path}")
+    log(f"val_loader:shards pattern={os.path.join(cfg.data_path, 'fineweb_val_*.bin')} tokens:{n_val}")
+    summary = {"run_id": run_id, "device": str(rt.device), "world_size": rt.world_size, "preset": cfg.preset,
+               "val_tokens": n_val, "stages": {}}
+    artifact_path = Path(cfg.load_artifact) if cfg.eval_only else out_dir / f"{run_id}.ptz"
+    if cfg.eval_only:
+        model, cfg = load_artifact(cfg.load_artifact, cfg)
+        blob_len = artifact_path.stat().st_size
+        summary.update(steps=0, train_seconds=0.0, mode="eval_only", artifact=str(artifact_path))
+        log(f"eval_only: loaded {artifact_path} ({blob_len} bytes)")
+        model = model.to(rt.device)
+    else:
+        train_files = shard_files(cfg.data_path, "train")
+        if not train_files:
+            raise DataError(f"DATA_PATH {cfg.data_path} has no fineweb_train_*.bin shards: get the data (see README)")
+        for p in train_files:
+            read_shard_header(p)
+        log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(train_files)}")
+        model = GPT(cfg).to(rt.device)
+        accum = grad_accum_steps(cfg, rt.world_size)
+        log(f"model_params:{count_params(model)}")
+        log(f"XSA:last_{cfg.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.xsa]}")
+        log(f"world_size:{rt.world_size} grad_accum_steps:{accum}")
+        log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
+        log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
+            f"head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
+        log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
+            f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
+        log(f"seed:{cfg.seed}")
+        summary.update(train(cfg, rt, model, val, log))
+        log(f"peak memory allocated: {peak_memory_mb(rt):.0f} MiB")
+        t = time.perf_counter()
+        vl, vb = evaluate_plain(model, val, cfg, rt)
+        log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        summary["stages"]["post_ema"] = {"val_loss": vl, "val_bpb": vb, "seconds": time.perf_counter() - t,
+                                         "compliance": "causal"}
+        t = time.perf_counter()
+        blob, method, sizes = export_model(model.cpu(), cfg)
+        if rt.is_main:
+            atomic_write(artifact_path, blob)
+        if rt.world_size > 1:
+            dist.barrier()
+        blob_len = len(blob)
+        log(f"Serialized model int6+{method}: {blob_len} bytes (candidates {sizes}) "
+            f"export_time:{1000 * (time.perf_counter() - t):.0f}ms artifact:{artifact_path}")
+        summary.update(mode="train", artifact=str(artifact_path), compressor=method)
+        model, _ = load_artifact(str(artifact_path), cfg)  # roundtrip: a fresh model from the written file
+        model = model.to(rt.device)
+    nbytes_code = code_bytes()
+    total = nbytes_code + blob_len
+    fits = total <= 16_000_000
+    log(f"Code size: {nbytes_code} bytes")
+    log(f"Total submission size int6: {total} bytes")
+    if not fits:
+        log(f"FAIL artifact_too_large total:{total} bytes > 16000000 (code {nbytes_code} + model {blob_len})")
+    summary.update(model_params=count_params(model), bytes_code=nbytes_code, bytes_model=blob_len,
+                   bytes_total=total, fits=fits, config={f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    est = estimate_eval_seconds(model, val, cfg, rt)
+    log(f"eval_budget:estimate_seconds:{est:.0f} limit:{cfg.eval_time_limit_seconds:.0f}")
+    if est > cfg.eval_time_limit_seconds:
+        log(f"WARNING: estimated eval time {est:.0f}s exceeds EVAL_TIME_LIMIT_SECONDS={cfg.eval_time_limit_seconds:.0f}"
+            " (shrink EVAL_BATCH_SEQS work: raise EVAL_STRIDE, or disable TTT_ENABLED/SLOT_ENABLED)")
+    eval_t0 = time.perf_counter()
+
+    def record(name: str, r: dict, seconds: float, legacy: str | None, variant: str) -> None:
+        comp = stage_compliance(variant, cfg)
+        summary["stages"][name] = {"val_loss": r["loss"], "val_bpb": r["bpb"], "seconds": seconds,
+                                   "compliance": comp}
+        log(f"stage:{name} val_loss:{r['loss']:.4f} val_bpb:{r['bpb']:.4f} eval_time:{1000 * seconds:.0f}ms "
+            f"compliance:{comp}")
+        log(f"{name}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
+        if legacy:
+            log(f"{legacy} val_loss:{r['loss']:.4f} val_bpb:{r['bpb']:.4f} eval_time:{1000 * seconds:.0f}ms")
+            log(f"{legacy}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
+
+    t = time.perf_counter()
+    vl, vb = evaluate_plain(model, val, cfg, rt)
+    record("roundtrip", {"loss": vl, "bpb": vb}, time.perf_counter() - t, "final_int6_roundtrip", "plain")
+    passes = [("sliding", False, "final_int6_sliding_window")] + ([("ttt", True, "legal_ttt")] if cfg.ttt_enabled else [])
+    for name, ttt, legacy in passes:
+        t = time.perf_counter()
+        res = eval_pass(model, val, cfg, rt, seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
+                        batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled, ttt=ttt, log=log)
+        secs = time.perf_counter() - t
+        for v, r in res.items():
+            record(name if v == "plain" else f"{name}_{v}", r, secs, legacy if v == "plain" else None, v)
+    summary["eval_seconds"] = time.perf_counter() - eval_t0
+    last = list(summary["stages"])[-1]
+    summary["val_bpb"] = summary["stages"][last]["val_bpb"]
+    summary["val_loss"] = summary["stages"][last]["val_loss"]
+    summary["final_stage"] = last
+    compliant = [k for k, s in summary["stages"].items() if s["compliance"] == "causal" and k != "post_ema"]
+    summary["final_compliant_stage"] = compliant[-1] if compliant else None
+    summary["val_bpb_compliant"] = summary["stages"][compliant[-1]]["val_bpb"] if compliant else None
+    summary["val_bytes"] = res["plain"]["bytes"]
+    summary["peak_memory_mb"] = peak_memory_mb(rt)
+    log(f"final stage:{last} val_bpb:{summary['val_bpb']:.8f} compliance:{summary['stages'][last]['compliance']} "
+        f"eval_seconds:{summary['eval_seconds']:.1f} peak_memory_mb:{summary['peak_memory_mb']:.0f}")
+    if rt.is_main:
+        write_json(out_dir / f"{run_id}.json", summary)
+        log(f"summary:{out_dir / (run_id + '.json')}")
+        log("| stage | val_bpb | val_loss | seconds | compliance |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {k} | {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['seconds']:.1f} | {s['compliance']} |"
+            for k, s in summary["stages"].items()))
+    return summary
+
+
+def main(env=None) -> int:
+    env = dict(os.environ if env is None else env)
+    debug = env.get("DEBUG", "0") not in ("", "0")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run(env)
+        return 0
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        print(f"interrupted ({e or 'SIGINT'}): stopped; no artifact or summary was written for the unfinished phase "
+              "(files are only ever renamed into place when complete)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
