@@ -71,7 +71,7 @@ class Config:
     seed: int = 1337  # SEED
     device: str = ""  # DEVICE: cuda | cpu (empty: cuda when available)
     compile: bool = True  # COMPILE: torch.compile the trunk (CUDA preset default on, CPU off)
-    amp: bool = True  # AMP: bf16 autocast for the trunk (fast on CUDA and on avx512_bf16 CPUs)
+    amp: bool = True  # AMP: bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
     eval_only: bool = False  # EVAL_ONLY: skip training, evaluate LOAD_ARTIFACT
     load_artifact: str = ""  # LOAD_ARTIFACT: path of a saved .ptz artifact (EVAL_ONLY=1)
     val_max_tokens: int = 0  # VAL_MAX_TOKENS: cap on val targets (0: all; for quick experiments only)
@@ -238,11 +238,11 @@ PRESET_VALUES = {
     "competition": {},  # the field defaults are the seed's SLOT run command
     "cpu": dict(  # sized so the whole main job fits in 10 minutes on a 2-core CPU with the offline dataset
         data_path="./data/datasets/offline_sp1024", tokenizer_path="./data/tokenizers/offline_1024_bpe.model",
-        compile=False, num_layers=6, model_dim=384, num_heads=6, num_kv_heads=3, bigram_vocab_size=1536,
-        xsa_last_n=2, ve_layers=(4, 5), train_seq_len=256, train_batch_tokens=16384, iterations=10000,
-        max_wallclock_seconds=240.0, warmdown_iters=60, warmup_steps=2, muon_momentum_warmup_steps=50,
+        compile=False, num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=1536,
+        xsa_last_n=2, ve_layers=(2, 3), train_seq_len=256, train_batch_tokens=16384, iterations=10000,
+        max_wallclock_seconds=270.0, warmdown_iters=25, warmup_steps=2, muon_momentum_warmup_steps=20,
         val_loss_every=0, train_log_every=10, val_batch_size=16384, eval_seq_len=256, eval_stride=64,
-        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0),
+        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0, ema_decay=0.9),
 }
 
 # Names the reference reads (or its README sets) that this program does not implement. None = any value is
@@ -334,7 +334,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    amp: bool = True
+    amp: bool = True  # bf16 autocast, and bf16 Newton-Schulz
     compile: bool = False
 
     @property
@@ -367,8 +367,22 @@ def setup_runtime(cfg: Config, env) -> Runtime:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank, amp=cfg.amp,
-                   compile=cfg.compile and want == "cuda")
+    return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank,
+                   amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile and want == "cuda")
+
+
+def cpu_bf16_is_fast() -> bool:
+    """bf16 matmul beats fp32 on CPUs with avx512_bf16/AMX, and is ~100x slower on plain AVX2 ones."""
+    a = torch.randn(256, 256)
+    times = []
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        t = time.perf_counter()
+        for _ in range(4):
+            x @ x
+        times.append(time.perf_counter() - t)
+    return times[1] < times[0]
 
 
 def amp_ctx(rt: Runtime):
@@ -431,11 +445,12 @@ def read_shard_header(path) -> int:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = np.frombuffer(f.read(HEADER_INTS * 4), dtype="<i4")
+            raw = f.read(HEADER_INTS * 4)
     except OSError as e:
         raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
-    if head.size < HEADER_INTS:
+    if len(raw) < HEADER_INTS * 4:
         raise DataError(f"{path}: truncated header ({size} bytes, need {HEADER_INTS * 4})")
+    head = np.frombuffer(raw, dtype="<i4")
     if head[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad magic {int(head[0])} (expected {SHARD_MAGIC}); not a shard file")
     if head[1] != SHARD_VERSION:
@@ -488,6 +503,8 @@ class TokenStream:
     def __init__(self, files: list[str], vocab_size: int):
         if not files:
             raise DataError("no fineweb_train_*.bin shards found: get the data or set DATA_PATH")
+        if sum(read_shard_header(f) for f in files) == 0:
+            raise DataError(f"the train shards in {os.path.dirname(files[0])} hold no tokens: rebuild the data")
         self.files, self.vocab_size = files, vocab_size
         self.idx, self.pos = 0, 0
         self.tokens = load_shard(files[0], vocab_size)
@@ -791,10 +808,10 @@ def count_params(model: nn.Module) -> int:
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices, in bf16."""
+def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
+    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices (bf16 where bf16 is fast)."""
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
@@ -848,7 +865,8 @@ class ParallelMuon:
         for b, per, buf, (g, _) in zip(self.banks, self.per, self.bufs, self._shards):
             g = g * clip_scale
             buf.mul_(self.momentum).add_(g)
-            upd = newton_schulz(g + self.momentum * buf, self.cfg.muon_backend_steps)
+            upd = newton_schulz(g + self.momentum * buf, self.cfg.muon_backend_steps,
+                                torch.bfloat16 if self.rt.amp else torch.float32)
             upd *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
             if W == 1:
                 gathers.append((b, upd, None))
