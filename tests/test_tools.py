@@ -1,0 +1,480 @@
+"""The tools in tools/: causality checker, seed statistics, record packager, plots, SLOT generation + KV cache.
+
+Everything is small and made in tmp: random tiny models and artifacts (tg.export_model + tg.atomic_write),
+fabricated run logs and JSON summaries, a 128-piece SentencePiece model trained on the README.
+"""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOOLS = REPO_ROOT / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tools():
+    torch.set_num_threads(1)
+    return {n: _load(n) for n in ("_common", "check_causality", "stats", "make_record", "plot_logs", "generate")}
+
+
+# ---- fixtures: tiny models, artifacts, fabricated runs
+SMALL_EVAL = {"PRESET": "cpu", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "16", "EVAL_BATCH_SEQS": "8",
+              "TTT_ENABLED": "0", "SLOT_LR": "0.01", "SLOT_STEPS": "3"}
+
+
+def set_env(monkeypatch, env):
+    import os
+    for k in list(os.environ):
+        if k.startswith(("SLOT_", "TTT_", "EVAL_", "CTW_", "PRESET", "DATA_PATH", "TOKENIZER_PATH")):
+            monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def tiny_artifact(tools, tmp_path, vocab=None, seed=0):
+    c = tools["_common"]
+    tg = c.tg
+    cfg = c.tiny_config(**({"vocab_size": vocab} if vocab else {}))
+    model = c.random_tiny_model(cfg, seed)
+    blob, _, _ = tg.export_model(model, cfg)
+    path = tmp_path / f"tiny{seed}.ptz"
+    tg.atomic_write(path, blob)
+    return path, cfg
+
+
+SOURCE = (REPO_ROOT / "train_gpt.py").read_text(encoding="utf-8")
+
+
+def fake_run(tg, out: Path, run_id: str, seed: int, *, shift=0.0, env=None, source=SOURCE, bytes_model=3_000_000,
+             drop_stage=None, extra_config=None, write_log=True, device="cpu", noise=0.002, bytes_code=None):
+    """A log (with the embedded source, as train_gpt.py writes it) and a JSON summary of a finished run."""
+    cfg = tg.Config.from_env({"PRESET": "cpu", "SEED": str(seed), "RUN_ID": run_id, **(env or {})}, cuda=False)
+    rnd = np.random.default_rng(seed)
+    lines = [f"logs/run_id:{run_id} log:logs/{run_id}.txt", source,
+             f"python:3.11.7 torch:2.13.0+cpu device:{device} world_size:1 attention:sdpa amp:0 compile:0"]
+    for s in range(1, 41):
+        if s <= 10 or s % 10 == 0:
+            t = 6000.0 * s
+            lines.append(f"step:{s}/{cfg.iterations} train_loss:{7 * math.exp(-s / 12) + 3 + shift:.4f} "
+                         f"train_time:{t:.0f}ms step_avg:{t / s:.2f}ms")
+    lines.append(f"step:40/{cfg.iterations} val_loss:{3.3 + shift:.4f} val_bpb:{2.0 + shift:.4f} "
+                 "train_time:240000ms step_avg:6000.00ms")
+    base = 1.95 + shift + float(rnd.normal(0, noise))
+    nc = "non-causal" if cfg.slot_enabled and cfg.slot_mode == "batch" else "causal"
+    stages = {}
+    for k, d, comp in (("post_ema", 0.0, "causal"), ("roundtrip", 0.01, "causal"), ("sliding", -0.02, "causal"),
+                       ("sliding_slot", -0.03, nc), ("ttt", -0.04, "causal"), ("ttt_slot", -0.05, nc)):
+        if k == drop_stage:
+            continue
+        b = base + d
+        stages[k] = {"val_loss": b * 1.6, "val_bpb": b, "seconds": 10.0, "compliance": comp}
+        if k == "post_ema":
+            lines.append(f"DIAGNOSTIC post_ema val_loss:{b * 1.6:.4f} val_bpb:{b:.4f} eval_time:5000ms")
+        else:
+            lines.append(f"stage:{k} val_loss:{b * 1.6:.4f} val_bpb:{b:.4f} eval_time:10000ms compliance:{comp}")
+    compliant = [k for k, v in stages.items() if v["compliance"] == "causal" and k != "post_ema"]
+    last = list(stages)[-1]
+    code = bytes_code or len(source.encode("utf-8"))  # train_gpt.py counts its own size at the end of a run
+    summary = {"run_id": run_id, "mode": "train", "preset": cfg.preset,
+               "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **(extra_config or {})},
+               "device": device, "world_size": 1, "steps": 40, "train_seconds": 240.0, "model_params": 3_003_156,
+               "bytes_code": code, "bytes_model": bytes_model, "bytes_total": code + bytes_model,
+               "fits": code + bytes_model <= 16_000_000, "compressor": "brotli", "val_tokens": 65535,
+               "val_bytes": 160000, "stages": stages, "val_bpb": stages[last]["val_bpb"],
+               "val_loss": stages[last]["val_loss"], "final_stage": last,
+               "final_compliant_stage": compliant[-1], "val_bpb_compliant": stages[compliant[-1]]["val_bpb"],
+               "eval_seconds": 60.0, "peak_memory_mb": 900.0, "artifact": f"logs/{run_id}.ptz"}
+    out.mkdir(parents=True, exist_ok=True)
+    if write_log:
+        (out / f"{run_id}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"{run_id}.json").write_text(json.dumps(summary, indent=1, default=list), encoding="utf-8")
+    return out / f"{run_id}.json"
+
+
+SEEDS = (1337, 42, 2025)
+
+
+# ---- 1. check_causality
+def test_check_causality_random_tiny_all_modes(tools, monkeypatch, capsys):
+    set_env(monkeypatch, SMALL_EVAL)
+    cc = tools["check_causality"]
+    rc = cc.main(["--random-tiny", "--positions", "3", "--tokens", "200", "--data", "random"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = {l.split()[0]: l for l in out.splitlines() if l.split() and l.split()[0] in ("off", "batch", "causal")}
+    assert "OK (no earlier NLL moved)" in rows["off"] and " causal " in rows["off"]
+    assert "OK (no earlier NLL moved)" in rows["causal"]
+    assert "LEAKS (expected: labelled non-causal)" in rows["batch"] and "non-causal" in rows["batch"]
+    assert "PASS" in out
+
+
+def test_check_causality_strict_fails_on_batch_leak(tools, monkeypatch, capsys):
+    set_env(monkeypatch, SMALL_EVAL)
+    rc = tools["check_causality"].main(["--random-tiny", "--positions", "2", "--tokens", "160", "--data", "random",
+                                        "--modes", "batch", "--strict"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAIL (--strict)" in out
+
+
+def test_check_causality_artifact_with_ttt(tools, monkeypatch, capsys, tmp_path):
+    path, _ = tiny_artifact(tools, tmp_path)
+    set_env(monkeypatch, {**SMALL_EVAL, "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "64", "TTT_EPOCHS": "1",
+                          "TTT_LR": "0.05", "SLOT_MODE": "causal"})
+    rc = tools["check_causality"].main(["--artifact", str(path), "--positions", "2", "--tokens", "200",
+                                        "--data", "random", "--modes", "off,causal"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "TTT_ENABLED=1 TTT_CHUNK_TOKENS=64" in out and "TTT never trains" not in out
+    assert out.count("OK (no earlier NLL moved)") == 2
+
+
+def test_check_causality_catches_a_leak_labelled_causal(tools, monkeypatch, capsys):
+    """Positive control: a causal mode that (wrongly) fits on its own scored rows must fail with exit 1."""
+    tg = tools["_common"].tg
+    real = tg.slot_fit_rows
+
+    def leaky(los, T, mode, context):
+        if mode != "causal":
+            return real(los, T, mode, context)
+        mask = torch.ones(los.numel(), T, dtype=torch.bool, device=los.device)
+        group = torch.arange(los.numel(), device=los.device)[:, None].expand(-1, T)[mask]
+        return mask, group, los.numel()
+
+    monkeypatch.setattr(tg, "slot_fit_rows", leaky)
+    set_env(monkeypatch, SMALL_EVAL)
+    rc = tools["check_causality"].main(["--random-tiny", "--positions", "2", "--tokens", "160", "--data", "random",
+                                        "--modes", "off,causal"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "VIOLATION (labelled causal)" in out and "FAIL" in out
+
+
+def test_check_causality_bad_input(tools, monkeypatch, capsys):
+    set_env(monkeypatch, SMALL_EVAL)
+    assert tools["check_causality"].main(["--random-tiny", "--modes", "off,nonsense"]) == 2
+    assert "--modes" in capsys.readouterr().err
+    monkeypatch.setenv("EVAL_STRIDE", "7")
+    assert tools["check_causality"].main(["--random-tiny"]) == 2  # EVAL_SEQ_LEN 64 not a multiple of 7
+
+
+# ---- 2. stats
+def test_t_distribution_matches_scipy(tools):
+    sp = pytest.importorskip("scipy.special")
+    st = tools["stats"]
+    for a, b, x in ((0.5, 0.5, 0.3), (2.0, 0.5, 0.9), (7.5, 0.5, 0.01), (40.0, 0.5, 0.999)):
+        assert st.betainc(a, b, x) == pytest.approx(sp.betainc(a, b, x), rel=1e-12, abs=1e-300)
+    for df in (1.0, 2.0, 2.7, 4.0, 9.3, 30.0, 500.0):
+        for t in (-12.0, -2.0, -0.4, 0.0, 0.3, 1.5, 4.0, 25.0):
+            assert st.t_sf(t, df) == pytest.approx(sp.stdtr(df, -t), rel=1e-10, abs=1e-300)
+
+
+def test_welch_and_one_sample_match_scipy(tools):
+    ss = pytest.importorskip("scipy.stats")
+    st = tools["stats"]
+    rng = np.random.default_rng(0)
+    for na, nb in ((3, 3), (3, 5), (4, 2), (6, 6)):
+        a = rng.normal(1.900, 0.003, na)
+        b = rng.normal(1.892, 0.002, nb)
+        r = st.welch_improvement(list(a), list(b), 0.005)
+        ref = ss.ttest_ind(a - 0.005, b, equal_var=False, alternative="greater")  # H1: a - 0.005 > b
+        assert r["t"] == pytest.approx(ref.statistic, rel=1e-9)
+        assert r["df"] == pytest.approx(ref.df, rel=1e-9)
+        assert r["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+        o = st.one_sample_improvement(1.9, list(b), 0.005)
+        ref1 = ss.ttest_1samp(b, 1.9 - 0.005, alternative="less")  # H1: mean(b) < baseline - 0.005
+        assert o["p"] == pytest.approx(ref1.pvalue, rel=1e-8)
+        assert o["t"] == pytest.approx(-ref1.statistic, rel=1e-9)
+    assert math.isnan(st.welch_improvement([1.0], [0.9, 0.91])["p"])  # too few runs: no p-value
+    assert st.welch_improvement([2.0, 2.0], [1.9, 1.9])["p"] == 0.0  # zero variance, clear improvement
+
+
+def test_stats_cli_two_groups_and_baseline(tools, tmp_path, capsys):
+    tg, st = tools["_common"].tg, tools["stats"]
+    a = [fake_run(tg, tmp_path, f"a_s{s}", s) for s in SEEDS]
+    b = [fake_run(tg, tmp_path, f"b_s{s}", s, shift=-0.01, env={"SLOT_MODE": "causal"}) for s in SEEDS]
+    assert st.main(["--a", *map(str, a), "--b", *map(str, b), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # default stages: each group's final_compliant_stage (ttt for batch SLOT, ttt_slot for causal SLOT)
+    assert res["stage_old"] == "ttt" and res["stage_new"] == "ttt_slot"
+    la = [json.loads(p.read_text())["stages"]["ttt"]["val_loss"] for p in a]
+    lb = [json.loads(p.read_text())["stages"]["ttt_slot"]["val_loss"] for p in b]
+    assert res["diff_nats"] == pytest.approx(np.mean(lb) - np.mean(la))
+    ss = pytest.importorskip("scipy.stats")
+    ref = ss.ttest_ind(np.array(la) - 0.005, lb, equal_var=False, alternative="greater")
+    assert res["p"] == pytest.approx(ref.pvalue, rel=1e-8)
+    assert res["significant"] == (ref.pvalue < 0.01)
+    # the table form, a quoted glob and a fixed bpb baseline (converted with the runs' nats/bpb ratio)
+    assert st.main(["--b", str(tmp_path / "b_s*.json"), "--baseline-score", "1.95", "--stage", "ttt"]) == 0
+    out = capsys.readouterr().out
+    assert "one-sample t-test" in out and "= 3.12000000 nats at 1.600000 nats/bpb" in out
+    assert "<- score" in out and "ttt " in out
+    # bad input: missing stage, nothing to compare with
+    assert st.main(["--b", *map(str, b), "--baseline-score", "1.9", "--stage", "nope"]) == 2
+    assert "has no stage 'nope'" in capsys.readouterr().err
+    assert st.main(["--b", *map(str, b)]) == 2
+
+
+# ---- 3. make_record
+def record_args(runs, tmp_path, *extra, track="cpu_demo", name="CPU_Demo"):
+    return ["--runs", *map(str, runs), "--name", name, "--author", "Test Author", "--github-id", "tester",
+            "--track", track, "--records-dir", str(tmp_path / "records"), "--date", "2026-01-02", *extra]
+
+
+def test_make_record_cpu_demo(tools, tmp_path, capsys):
+    tg, mr = tools["_common"].tg, tools["make_record"]
+    runs = [fake_run(tg, tmp_path / "logs", f"c_s{s}", s, env={"SLOT_MODE": "causal", "TTT_CHUNK_TOKENS": "4096"})
+            for s in SEEDS]
+    assert mr.main(record_args(runs, tmp_path, "--blurb", "A blurb.")) == 0, capsys.readouterr().err
+    folder = tmp_path / "records" / "cpu_demo" / "2026-01-02_CPU_Demo"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(["README.md", "submission.json", "train_gpt.py"] +
+                           [f"train_seed{s}.{e}" for s in SEEDS for e in ("log", "json")])
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folder left behind
+    assert (folder / "train_gpt.py").read_text(encoding="utf-8") == SOURCE
+    sub = json.loads((folder / "submission.json").read_text())
+    for k in ("name", "author", "github_id", "date", "val_bpb", "val_loss", "bytes_total", "bytes_code", "seeds",
+              "seed_results", "val_bpb_std", "compliance", "track", "hardware"):
+        assert k in sub, k
+    bpbs = [json.loads(r.read_text())["stages"]["ttt_slot"]["val_bpb"] for r in runs]
+    assert sub["val_bpb"] == pytest.approx(np.mean(bpbs)) and sub["val_bpb_std"] == pytest.approx(np.std(bpbs, ddof=1))
+    assert sub["score_stage"] == "ttt_slot" and sub["compliance"]["score_stage_label"] == "causal"
+    assert sub["seeds"] == list(SEEDS) and sub["track_label"] == "CPU demonstration, not a leaderboard claim"
+    readme = (folder / "README.md").read_text()
+    assert "CPU demonstration, not a leaderboard claim" in readme and "A blurb." in readme
+    cmd = next(l for l in readme.splitlines() if l.startswith("SEED=42 "))
+    assert cmd == "SEED=42 PRESET=cpu TTT_CHUNK_TOKENS=4096 SLOT_MODE=causal python train_gpt.py"
+    # the command rebuilds the recorded config
+    env = dict(kv.split("=", 1) for kv in cmd.split()[:-2])
+    cfg = tg.Config.from_env(env, cuda=False)
+    rec = json.loads((folder / "train_seed42.json").read_text())["config"]
+    assert all(getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v) for k, v in rec.items() if k != "run_id")
+    # an existing folder is refused, then replaced with --overwrite
+    assert mr.main(record_args(runs, tmp_path)) == 1
+    assert "exists" in capsys.readouterr().err
+    assert mr.main(record_args(runs, tmp_path, "--overwrite")) == 0
+
+
+def test_make_record_competition_command(tools):
+    mr, tg = tools["make_record"], tools["_common"].tg
+    cfg = tg.Config.from_env({"PRESET": "competition", "SLOT_MODE": "causal", "SLOT_LR": "0.005", "SEED": "42"})
+    config = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    env = mr.command_env(tg, config, "cuda:0")
+    assert env == {k: v for k, v in cfg.diff_from_defaults().items() if k != "SEED"}
+    assert mr.render_command(env, 42, "cuda:0", 8) == \
+        "SEED=42 SLOT_MODE=causal SLOT_LR=0.005 torchrun --standalone --nproc_per_node=8 train_gpt.py"
+    mr.check_command(tg, env, 42, config, "cuda:0")
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("too_big", "> 16,000,000"),
+    ("no_log", "incomplete:"),
+    ("no_json", "incomplete:"),
+    ("no_stage", "has no finished stage 'ttt_slot'"),
+    ("unknown_var", "FANCY_NEW_THING (in the runs' config), which the frozen train_gpt.py does not read"),
+    ("same_seed", "seeds repeat"),
+    ("config_differs", "differs from seed 1337 in more than the seed: SLOT_LR"),
+    ("other_source", "the runs' logs embed different train_gpt.py sources"),
+    ("changed_during_run", "(the file changed during the run)"),
+    ("record_track_cpu", "track_10min_16mb is 8xH100"),
+    ("record_track_noncausal", "labelled non-causal"),
+])
+def test_make_record_refusals(tools, tmp_path, capsys, case, reason):
+    tg, mr = tools["_common"].tg, tools["make_record"]
+    logs = tmp_path / "logs"
+    env = {"SLOT_MODE": "causal"}
+    runs = [fake_run(tg, logs, f"r_s{s}", s, env=env) for s in SEEDS[:2]]
+    extra, track = [], "cpu_demo"
+    if case == "too_big":
+        runs.append(fake_run(tg, logs, "r_big", 2025, env=env, bytes_model=16_000_001 - len(SOURCE.encode())))
+    elif case == "no_log":
+        runs.append(fake_run(tg, logs, "r_nolog", 2025, env=env, write_log=False))
+    elif case == "no_json":
+        runs.append(logs / "missing.json")
+    elif case == "no_stage":
+        runs.append(fake_run(tg, logs, "r_nostage", 2025, env=env, drop_stage="ttt_slot"))
+        extra = ["--stage", "ttt_slot"]
+    elif case == "unknown_var":
+        runs = [fake_run(tg, logs, f"u_s{s}", s, env=env, extra_config={"fancy_new_thing": 3}) for s in SEEDS]
+    elif case == "same_seed":
+        runs.append(fake_run(tg, logs, "r_again", 42, env=env))
+    elif case == "config_differs":
+        runs.append(fake_run(tg, logs, "r_lr", 2025, env={**env, "SLOT_LR": "0.01"}))
+    elif case == "other_source":
+        runs.append(fake_run(tg, logs, "r_src", 2025, env=env, source=SOURCE.replace("Parameter Golf", "Param Golf")))
+    elif case == "changed_during_run":
+        runs.append(fake_run(tg, logs, "r_chg", 2025, env=env, bytes_code=len(SOURCE.encode()) + 120))
+    elif case == "record_track_cpu":
+        track = "track_10min_16mb"
+    elif case == "record_track_noncausal":
+        runs = [fake_run(tg, logs, f"g_s{s}", s, device="cuda:0") for s in SEEDS]
+        extra, track = ["--stage", "ttt_slot"], "track_10min_16mb"
+    rc = mr.main(record_args(runs, tmp_path, *extra, track=track))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("refused: ") and err.count("\n") == 1 and reason in err, err
+    assert not (tmp_path / "records").exists() or not any((tmp_path / "records").rglob("*.json"))
+
+
+# ---- 4. plot_logs
+def test_plot_logs(tools, tmp_path, capsys):
+    tg, pl = tools["_common"].tg, tools["plot_logs"]
+    a = fake_run(tg, tmp_path, "p_s1", 1)
+    b = fake_run(tg, tmp_path, "p_s2", 2, shift=-0.05, env={"SLOT_MODE": "causal"})
+    run = pl.parse_log(a.with_suffix(".txt").read_text())
+    assert len(run["train"]) == 13 and run["train"][0] == (1, 6.0, pytest.approx(7 * math.exp(-1 / 12) + 3, abs=1e-4))
+    assert len(run["val"]) == 1 and list(run["stages"]) == ["post_ema", "roundtrip", "sliding", "sliding_slot",
+                                                     "ttt", "ttt_slot"]
+    assert run["run_id"] == "p_s1"  # nothing from the embedded source matched
+    out = tmp_path / "plots" / "runs.png"
+    assert pl.main([str(a.with_suffix(".txt")), str(b), "--out", str(out), "--labels", "batch", "causal"]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    import matplotlib.image
+    h, w = matplotlib.image.imread(str(out)).shape[:2]
+    assert w > 1000 and h > 400
+    assert pl.main([str(a), "--labels", "x", "y", "--out", str(out)]) == 2
+    assert pl.main([str(tmp_path / "nope.txt"), "--out", str(out)]) == 2
+    capsys.readouterr()
+
+
+# ---- 5. KV cache and generation
+def test_kv_cache_matches_uncached(tools):
+    c = tools["_common"]
+    cfg = c.tiny_config()
+    ids = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    cuts = [0, 6, 7, 10, 11] + list(range(12, 38))  # a prefill, single tokens, and chunks of several tokens
+    for dtype, tol_h in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        model = c.random_tiny_model(cfg, 1).to(dtype)
+        with torch.no_grad():
+            h_full = model.forward_hidden(ids)
+            cache = {}
+            h_cached = torch.cat([model.forward_hidden(ids[:, a:b], cache) for a, b in zip(cuts, cuts[1:])], 1)
+            logits_full, logits_cached = model.compute_logits(h_full), model.compute_logits(h_cached)
+        assert (h_full - h_cached).abs().max().item() < tol_h, dtype
+        assert (logits_full - logits_cached).abs().max().item() < 1e-5, dtype
+        assert cache["layers"][0]["k"].shape[1] == 37
+
+
+def test_kv_cache_rope_len_past_ntk_len(tools, monkeypatch):
+    """Past Rotary.NTK_LEN the RoPE base depends on the sequence length: rope_len=n reproduces a call of n."""
+    c = tools["_common"]
+    monkeypatch.setattr(c.tg.Rotary, "NTK_LEN", 8)
+    cfg = c.tiny_config()
+    model = c.random_tiny_model(cfg, 2).double()
+    ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model.forward_hidden(ids)
+        cache = {"rope_len": 24}
+        parts = [model.forward_hidden(ids[:, :5], cache)] + [model.forward_hidden(ids[:, j:j + 1], cache)
+                                                             for j in range(5, 24)]
+        plain = {}
+        drift = [model.forward_hidden(ids[:, :5], plain)] + [model.forward_hidden(ids[:, j:j + 1], plain)
+                                                             for j in range(5, 24)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-12
+    assert (torch.cat(drift, 1) - full).abs().max().item() > 1e-6  # without it the base drifts as the cache grows
+
+
+def test_uncached_path_is_bit_identical_to_before_the_cache(tools, tmp_path):
+    """cache=None must leave forward_hidden exactly as it was: compare with the last committed train_gpt.py
+    that has no KV cache."""
+    c = tools["_common"]
+    try:
+        shas = subprocess.run(["git", "log", "--format=%H", "--", "train_gpt.py"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("git history unavailable")
+    old_src = None
+    for sha in shas:
+        src = subprocess.run(["git", "show", f"{sha}:train_gpt.py"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=30).stdout
+        if "def forward_hidden" in src and "cache" not in src.split("def forward_hidden", 1)[1].split("\n", 1)[0]:
+            old_src = src
+            break
+    if old_src is None:
+        pytest.skip("no committed train_gpt.py without the KV cache")
+    path = tmp_path / "train_gpt_before_cache.py"
+    path.write_text(old_src, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("train_gpt_before_cache", path)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt_before_cache"] = old
+    spec.loader.exec_module(old)
+    cfg = c.tiny_config()
+    new_model = c.random_tiny_model(cfg, 3)
+    old_model = old.GPT(old.Config(**{f.name: getattr(cfg, f.name) for f in fields(old.Config)}))
+    try:
+        old_model.load_state_dict(new_model.state_dict(), strict=True)
+    except RuntimeError:
+        pytest.skip("the model's parameters changed since that commit")
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for dt in (torch.float32, torch.float64):
+            assert torch.equal(new_model.to(dt).forward_hidden(ids), old_model.to(dt).forward_hidden(ids))
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("sp")
+    (d / "text.txt").write_text((REPO_ROOT / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "sp128"), vocab_size=128,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=3, pad_id=0, add_dummy_prefix=False,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return d / "sp128.model"
+
+
+def test_generate_cached_equals_uncached(tools):
+    c, g = tools["_common"], tools["generate"]
+    cfg = c.tiny_config(vocab_size=128)
+    model = c.random_tiny_model(cfg, 4)
+    prompt = [1, 5, 9, 17, 33, 65, 7, 3]
+    _, h = g.prompt_hidden(model, prompt)
+    delta, before, after = g.fit_prompt_delta(model, prompt, h, cfg, steps=10, lr=0.05)
+    assert after < before and delta.shape == (1, cfg.model_dim)
+    for kw in (dict(greedy=True), dict(greedy=False, temperature=0.9, top_k=20, seed=5)):
+        for d in (None, delta):
+            a = g.generate(model, prompt, d, 20, **kw, use_cache=True)
+            b = g.generate(model, prompt, d, 20, **kw, use_cache=False)
+            assert a == b and len(a) == 20
+    # the delta changes the continuation (sampled with the same seed)
+    s0 = g.generate(model, prompt, None, 20, greedy=False, temperature=1.0, seed=5)
+    s1 = g.generate(model, prompt, delta * 50, 20, greedy=False, temperature=1.0, seed=5)
+    assert s0 != s1
+    # a full cache is rebuilt from its last half and generation goes on
+    assert len(g.generate(model, prompt, delta, 30, context=12)) == 30
+
+
+def test_generate_cli(tools, tmp_path, sp_model, capsys, monkeypatch):
+    set_env(monkeypatch, {"PRESET": "cpu"})
+    path, _ = tiny_artifact(tools, tmp_path, vocab=128)
+    g = tools["generate"]
+    rc = g.main(["--artifact", str(path), "--tokenizer", str(sp_model), "--prompt", "The tools read the logs",
+                 "--greedy", "--max-new-tokens", "12", "--slot-steps", "5", "--width", "100"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "without SLOT" in out and "with SLOT" in out and "KV cache" in out and "prompt loss" in out
+    assert all(len(l) <= 100 for l in out.splitlines() if " | " in l)
+    rc = g.main(["--artifact", str(path), "--tokenizer", str(sp_model), "--prompt", "x", "--temperature", "0.8",
+                 "--top-k", "10", "--seed", "3", "--max-new-tokens", "5", "--no-cache"])
+    assert rc == 0 and "no cache" in capsys.readouterr().out
+    # a tokenizer whose vocabulary does not match the artifact's is refused
+    path2, _ = tiny_artifact(tools, tmp_path, seed=1)  # vocab 1024
+    assert g.main(["--artifact", str(path2), "--tokenizer", str(sp_model), "--prompt", "x"]) == 2
+    assert "vocabulary" in capsys.readouterr().err
