@@ -1,0 +1,469 @@
+"""Evaluation: window bookkeeping and the causality suite for sliding / score-first TTT / SLOT (slot.md 5.7).
+
+Everything runs the production code (`score_stream`, `eval_pass`, `score_batch`, `fit_delta`, `ttt_train_chunk`) on a
+tiny random GPT in float64 with one thread, so "unchanged" means bit-identical. The positive controls (SLOT_MODE=batch
+and deliberately broken variants patched in with monkeypatch) prove the harness can fail.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+V = 64
+N_TOKENS = 361  # 360 targets: 42 windows of 32 at stride 8; TTT chunks of 64 -> 6 chunks, the last one 40 tokens
+PROBES = (1, 9, 33, 40, 63, 64, 65, 127, 130, 200, 257, 330, 360)  # perturbed stream indices u (tokens[u] changes)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tg):
+    cfg = dataclasses.replace(
+        tg.Config(), vocab_size=V, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
+        ve_layers=(1,), xsa_last_n=1, bigram_vocab_size=32, bigram_dim=16, ve_dim=16, eval_seq_len=32, eval_stride=8,
+        eval_batch_seqs=4, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.005, amp=False,
+        compile=False, slot_enabled=False, ttt_enabled=False, slot_mode="causal", slot_lr=0.05, slot_steps=4)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model(tg, base):
+    torch.manual_seed(0)
+    m = tg.GPT(base)
+    with torch.no_grad():  # out-proj / down banks start at zero: perturb everything so no path is degenerate
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.double().eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, V, (N_TOKENS,), generator=torch.Generator().manual_seed(1))
+
+
+def cfg_of(base, **kw):
+    cfg = dataclasses.replace(base, **kw)
+    cfg.validate()
+    return cfg
+
+
+def runtime(tg):
+    return tg.Runtime(device=torch.device("cpu"), amp=False, compile=False)
+
+
+def run_pass(tg, model, tokens, cfg, *, slot, ttt, batch_seqs=None, rank=None, world=None):
+    return tg.eval_pass(model, tg.ValData(tokens, None), cfg, runtime(tg), seq_len=cfg.eval_seq_len,
+                        stride=cfg.eval_stride, batch_seqs=batch_seqs or cfg.eval_batch_seqs, slot=slot, ttt=ttt,
+                        collect=True, rank=rank, world=world)
+
+
+def perturbed(tokens, u, k=1):
+    t = tokens.clone()
+    t[u] = (t[u] + k) % V
+    return t
+
+
+def leaks(tg, model, tokens, cfg, probes=PROBES):
+    """Perturb tokens[u] for each probe; return {u: number of targets tokens[1..u-1] whose NLL changed at all}."""
+    ref = tg.score_stream(model, tokens, cfg)
+    assert not ref.isnan().any()
+    out = {}
+    for u in probes:
+        new = tg.score_stream(model, perturbed(tokens, u), cfg)
+        assert not new.isnan().any()
+        assert new[u - 1] != ref[u - 1]  # the perturbed target itself must move (the probe is live)
+        out[u] = int((new[: u - 1] != ref[: u - 1]).sum())
+    return out
+
+
+# ---- window bookkeeping ----
+@pytest.mark.parametrize("seq,stride", [(1, 1), (4, 1), (8, 3), (8, 8), (16, 4), (32, 8), (32, 5), (7, 7)])
+def test_window_plan_covers_every_position_once(tg, seq, stride):
+    for n in list(range(1, 3 * seq + 2 * stride + 3)) + [97, 360]:
+        plan = tg.window_plan(n, seq, stride)
+        hits = torch.zeros(n, dtype=torch.long)
+        prev_end = 0
+        for i, (ws, length, lo) in enumerate(plan):
+            assert ws >= 0 and ws + length <= n and 0 <= lo < length
+            assert length == (seq if n >= seq else n)  # every window has full length when the stream allows it
+            assert ws + lo == prev_end  # scored left to right, contiguous
+            prev_end = ws + length
+            hits[ws + lo: ws + length] += 1
+            if i > 0:
+                assert lo >= seq - stride  # every later window gives its scored tokens >= seq-stride of context
+        assert prev_end == n and bool((hits == 1).all()), (n, seq, stride)
+        assert plan[0] == (0, min(n, seq), 0)
+
+
+def test_window_chunks_and_ttt_rows(tg):
+    n, seq, stride = 360, 32, 8
+    plan = tg.window_plan(n, seq, stride)
+    for C in (8, 16, 64, 72, 128, 1000):
+        ch = tg.window_chunks(plan, C)
+        assert ch == sorted(ch) and ch[0] == 0
+        for (ws, length, lo), c in zip(plan, ch):
+            assert c == (ws + lo) // C
+            if lo > 0 and C % stride == 0:  # every later window's scored positions lie in a single chunk
+                assert (ws + length - 1) // C == c
+    for lo, hi, s in ((0, 64, 32), (64, 128, 32), (320, 360, 32), (5, 6, 32), (0, 100, 7), (3, 3, 8)):
+        rows = tg.ttt_rows(lo, hi, s)
+        cover = [p for start, length in rows for p in range(start, start + length)]
+        assert cover == list(range(lo, hi))
+        assert all(1 <= length <= s for _, length in rows)
+
+
+def test_slot_fit_rows(tg):
+    los = torch.tensor([0, 24, 24, 30])
+    mask, group, G = tg.slot_fit_rows(los, 32, "causal", 0)
+    assert G == 4 and mask.sum(1).tolist() == [0, 24, 24, 30]
+    assert bool((mask & (torch.arange(32)[None] >= los[:, None])).sum() == 0)  # never a scored row
+    assert group.tolist() == [1] * 24 + [2] * 24 + [3] * 30
+    mask, group, G = tg.slot_fit_rows(los, 32, "causal", 5)
+    assert mask.sum(1).tolist() == [0, 5, 5, 5] and bool(mask[3, 25:30].all())
+    mask, group, G = tg.slot_fit_rows(los, 32, "batch", 0)
+    assert G == 1 and bool(mask.all()) and bool((group == 0).all())
+
+
+# ---- C4: every target scored exactly once ----
+@pytest.mark.parametrize("ttt", [False, True])
+@pytest.mark.parametrize("mode", ["causal", "batch"])
+def test_every_target_scored_once(tg, model, tokens, base, ttt, mode):
+    n = tokens.numel() - 1
+    cfg = cfg_of(base, slot_enabled=True, ttt_enabled=ttt, slot_mode=mode)
+    out = run_pass(tg, model, tokens, cfg, slot=True, ttt=ttt)
+    for v in ("plain", "slot"):
+        assert out[v]["tokens"] == n
+        s = out[v]["nll_stream"]
+        assert s.shape == (n,) and s.dtype == torch.float64 and not s.isnan().any()
+        assert out[v]["nll"] == pytest.approx(float(s.sum()), rel=1e-12)
+    assert not torch.equal(out["slot"]["nll_stream"], out["plain"]["nll_stream"])  # SLOT does something
+    assert torch.equal(tg.score_stream(model, tokens, cfg), out["slot"]["nll_stream"])
+
+
+def test_weights_unchanged_after_ttt_and_slot(tg, model, tokens, base):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tg.score_stream(model, tokens, cfg_of(base, slot_enabled=True, ttt_enabled=True, ttt_freeze_blocks=1))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- T1: SLOT off is bit-identical to the plain variant of a SLOT pass ----
+@pytest.mark.parametrize("ttt", [False, True])
+@pytest.mark.parametrize("mode", ["causal", "batch"])
+def test_slot_off_is_bit_identical(tg, model, tokens, base, ttt, mode):
+    cfg = cfg_of(base, slot_mode=mode, ttt_enabled=ttt)
+    off = run_pass(tg, model, tokens, cfg, slot=False, ttt=ttt)
+    on = run_pass(tg, model, tokens, cfg, slot=True, ttt=ttt)
+    assert list(off) == ["plain"]
+    assert torch.equal(off["plain"]["nll_stream"], on["plain"]["nll_stream"])
+    assert off["plain"]["nll"] == on["plain"]["nll"]
+    assert torch.equal(tg.score_stream(model, tokens, cfg), off["plain"]["nll_stream"])  # SLOT_ENABLED=0 -> plain
+
+
+# ---- T2: stream perturbation (C1): no scored NLL depends on a later token ----
+@pytest.mark.parametrize("name,kw", [
+    ("sliding", dict()),
+    ("slot_causal", dict(slot_enabled=True)),
+    ("slot_causal_context", dict(slot_enabled=True, slot_context=5)),
+    ("ttt", dict(ttt_enabled=True)),
+    ("slot_causal_ttt", dict(slot_enabled=True, ttt_enabled=True)),
+    ("slot_causal_context_ttt_freeze", dict(slot_enabled=True, slot_context=12, ttt_enabled=True, ttt_freeze_blocks=1)),
+])
+def test_stream_perturbation_is_causal(tg, model, tokens, base, name, kw):
+    cfg = cfg_of(base, **kw)
+    assert leaks(tg, model, tokens, cfg) == {u: 0 for u in PROBES}
+
+
+def test_ttt_and_slot_are_live(tg, model, tokens, base):
+    """The causal suite is only meaningful if TTT and SLOT change the scores."""
+    plain = tg.score_stream(model, tokens, base)
+    ttt = tg.score_stream(model, tokens, cfg_of(base, ttt_enabled=True))
+    slot = tg.score_stream(model, tokens, cfg_of(base, slot_enabled=True))
+    first_chunk = base.ttt_chunk_tokens
+    assert torch.equal(ttt[:first_chunk], plain[:first_chunk])  # chunk 0 is scored before any training
+    assert (ttt[first_chunk:] != plain[first_chunk:]).float().mean() > 0.9
+    assert torch.equal(slot[: base.eval_seq_len], plain[: base.eval_seq_len])  # window 0 has no context: delta 0
+    assert (slot[base.eval_seq_len:] != plain[base.eval_seq_len:]).float().mean() > 0.9
+    assert (slot - plain).abs().max() > 1e-3
+
+
+def test_distribution_at_probe_is_normalised_and_causal(tg, model, base):
+    """C1+C2 at one position: with SLOT and TTT, sweeping tokens[u] over the whole vocabulary gives the NLLs of one
+    fixed distribution p_{u-1}: it sums to 1 and everything before u stays bit-identical."""
+    toks = torch.randint(0, V, (129,), generator=torch.Generator().manual_seed(2))
+    cfg = cfg_of(base, slot_enabled=True, ttt_enabled=True)
+    u = 97  # target 96: the first scored row of its window (second TTT chunk, 24 context rows)
+    probs, prefix = [], None
+    for tok in range(V):
+        t = toks.clone()
+        t[u] = tok
+        s = tg.score_stream(model, t, cfg)
+        probs.append(torch.exp(-s[u - 1]))
+        prefix = s[: u - 1] if prefix is None else prefix
+        assert torch.equal(s[: u - 1], prefix)
+    assert float(sum(probs)) == pytest.approx(1.0, abs=1e-12)
+
+
+def target_sweep(tg, model, cfg, los):
+    """Sum over v of p(v) at each scored row of one window whose scored targets are all set to v."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, V, (1, 32), generator=g), torch.randint(0, V, (1, 32), generator=g)
+    total = {"plain": 0.0, "slot": 0.0}
+    for v in range(V):
+        y[:, los:] = v
+        _, out = tg.score_batch(model, model.forward_hidden, x, y, torch.tensor([los]), cfg, runtime(tg), True)
+        for k in total:
+            total[k] = total[k] + torch.exp(-out[k])
+    return total
+
+
+@pytest.mark.parametrize("mode,los", [("causal", 24), ("causal", 0), ("batch", 24)])
+def test_scored_distributions_ignore_scored_targets(tg, model, base, mode, los):
+    """#1240-style target sweep through score_batch: the window's scored targets are all set to v (inputs
+    unchanged), for every v. Distributions that ignore the scored targets give probabilities summing to 1 over v
+    at every scored row (C1 for the row's own target, and C2); the seed's delta, fitted on them, does not."""
+    for k, t in target_sweep(tg, model, cfg_of(base, slot_enabled=True, slot_mode=mode), los).items():
+        if k == "slot" and mode == "batch":
+            assert (t - 1).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(t, torch.ones_like(t), rtol=0, atol=1e-12)
+
+
+# ---- positive controls: the harness detects leaks ----
+def test_positive_control_batch_mode_leaks(tg, model, tokens, base):
+    found = leaks(tg, model, tokens, cfg_of(base, slot_enabled=True, slot_mode="batch"))
+    assert sum(found.values()) > 100 and sum(1 for c in found.values() if c) >= len(PROBES) - 2
+    assert tg.stage_compliance("slot", cfg_of(base, slot_mode="batch")) == "non-causal"
+
+
+def test_positive_control_batch_shared_causal_delta_leaks(tg, model, tokens, base, monkeypatch):
+    """Causal (context-only) rows but ONE delta shared by the batch, as in PRs #1217/#1333: must be caught."""
+    real = tg.fit_delta
+
+    def shared(z, y, group, n_groups, W, cfg):
+        return real(z, y, torch.zeros_like(group), 1, W, cfg).expand(n_groups, -1)
+
+    monkeypatch.setattr(tg, "fit_delta", shared)
+    found = leaks(tg, model, tokens, cfg_of(base, slot_enabled=True))
+    assert sum(found.values()) > 0
+
+
+def test_positive_control_fit_on_scored_rows_leaks(tg, model, tokens, base, monkeypatch):
+    """Per-window delta whose fit rows include the window's scored rows: must be caught."""
+    def own_rows(los, T, mode, context):
+        B = los.numel()
+        mask = torch.ones(B, T, dtype=torch.bool)
+        return mask, torch.arange(B)[:, None].expand(-1, T)[mask], B
+
+    monkeypatch.setattr(tg, "slot_fit_rows", own_rows)
+    found = leaks(tg, model, tokens, cfg_of(base, slot_enabled=True))
+    assert sum(found.values()) > 0
+
+
+def test_positive_control_fit_on_first_scored_row_leaks(tg, model, base, monkeypatch):
+    """Off by one: the fit rows include the window's first scored row. Only that row's own prediction leaks (later
+    ones may depend on it), which the perturbation test cannot see; the target sweep does."""
+    def off_by_one(los, T, mode, context):
+        mask = torch.arange(T)[None, :] <= los[:, None]
+        return mask, torch.arange(los.numel())[:, None].expand(-1, T)[mask], los.numel()
+
+    monkeypatch.setattr(tg, "slot_fit_rows", off_by_one)
+    t = target_sweep(tg, model, cfg_of(base, slot_enabled=True), 24)["slot"]
+    assert (t[0] - 1).abs() > 1e-3
+
+
+def test_positive_control_train_before_score_leaks(tg, model, tokens, base, monkeypatch):
+    """TTT that scores each chunk only after training on it (windows moved one chunk later): must be caught."""
+    real = tg.window_chunks
+    monkeypatch.setattr(tg, "window_chunks", lambda plan, C: [c + 1 for c in real(plan, C)])
+    found = leaks(tg, model, tokens, cfg_of(base, ttt_enabled=True), probes=(70, 127, 200, 300))
+    assert sum(found.values()) > 0
+
+
+# ---- T5: invariance to batch composition and rank split ----
+@pytest.mark.parametrize("ttt", [False, True])
+def test_causal_slot_invariant_to_batch_size(tg, model, tokens, base, ttt):
+    cfg = cfg_of(base, slot_enabled=True, ttt_enabled=ttt)
+    ref = run_pass(tg, model, tokens, cfg, slot=True, ttt=ttt, batch_seqs=4)
+    for bs in (1, 3):
+        out = run_pass(tg, model, tokens, cfg, slot=True, ttt=ttt, batch_seqs=bs)
+        for v in ("plain", "slot"):
+            torch.testing.assert_close(out[v]["nll_stream"], ref[v]["nll_stream"], rtol=0, atol=1e-12)
+
+
+def test_batch_mode_depends_on_batch_size(tg, model, tokens, base):
+    """Control for the test above: the batch-shared delta does change with the batch composition."""
+    cfg = cfg_of(base, slot_enabled=True, slot_mode="batch")
+    a = run_pass(tg, model, tokens, cfg, slot=True, ttt=False, batch_seqs=4)["slot"]["nll_stream"]
+    b = run_pass(tg, model, tokens, cfg, slot=True, ttt=False, batch_seqs=1)["slot"]["nll_stream"]
+    assert (a - b).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("slot", [False, True])
+def test_rank_split_union_equals_single_process(tg, model, tokens, base, slot):
+    cfg = cfg_of(base, slot_enabled=slot)
+    ref = run_pass(tg, model, tokens, cfg, slot=slot, ttt=False)
+    parts = [run_pass(tg, model, tokens, cfg, slot=slot, ttt=False, rank=r, world=2) for r in (0, 1)]
+    for v in ref:
+        a, b = parts[0][v]["nll_stream"], parts[1][v]["nll_stream"]
+        assert bool((a.isnan() ^ b.isnan()).all())  # each target scored by exactly one rank
+        assert parts[0][v]["tokens"] > 0 and parts[1][v]["tokens"] > 0
+        assert parts[0][v]["tokens"] + parts[1][v]["tokens"] == ref[v]["tokens"]
+        torch.testing.assert_close(torch.where(a.isnan(), b, a), ref[v]["nll_stream"], rtol=0, atol=1e-12)
+
+
+# ---- per-window independence inside a batch ----
+def test_score_batch_windows_are_independent(tg, model, base):
+    """Rewriting window j entirely (inputs and targets) leaves window i's causal-SLOT NLLs bit-identical."""
+    cfg = cfg_of(base, slot_enabled=True)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
+    los = torch.tensor([0, 24, 24, 24])
+    rt = runtime(tg)
+    scored, ref = tg.score_batch(model, model.forward_hidden, x, y, los, cfg, rt, True)
+    x2, y2 = x.clone(), y.clone()
+    x2[2], y2[2] = torch.randint(0, V, (32,), generator=g), torch.randint(0, V, (32,), generator=g)
+    _, new = tg.score_batch(model, model.forward_hidden, x2, y2, los, cfg, rt, True)
+    win = torch.arange(4)[:, None].expand(-1, 32)[scored]
+    for v in ("plain", "slot"):
+        assert torch.equal(new[v][win != 2], ref[v][win != 2])
+        assert not torch.equal(new[v][win == 2], ref[v][win == 2])
+    _, bat = tg.score_batch(model, model.forward_hidden, x, y, los, cfg_of(cfg, slot_mode="batch"), rt, True)
+    _, bat2 = tg.score_batch(model, model.forward_hidden, x2, y2, los, cfg_of(cfg, slot_mode="batch"), rt, True)
+    assert not torch.equal(bat["slot"][win == 1], bat2["slot"][win == 1])  # control: the shared delta couples them
+
+
+def fit_problem(G=4, rows=(7, 0, 12, 3), D=16, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64)
+    group = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r in enumerate(rows)])
+    z = 20 * torch.randn(group.numel(), V, generator=g, dtype=torch.float64)  # wide: the softcap matters
+    y = torch.randint(0, V, (group.numel(),), generator=g)
+    return z, y, group, G, W
+
+
+def test_fit_delta_groups_do_not_interact(tg, base):
+    cfg = cfg_of(base, slot_steps=6)
+    z, y, group, G, W = fit_problem()
+    ref = tg.fit_delta(z, y, group, G, W, cfg)
+    assert ref.dtype == torch.float64 and ref.shape == (G, W.size(1))
+    assert torch.equal(ref[1], torch.zeros_like(ref[1])) and ref[0].abs().min() > 0  # empty group: delta 0
+    z2, y2 = z.clone(), y.clone()
+    z2[group == 2] += torch.randn_like(z2[group == 2])
+    y2[group == 2] = (y2[group == 2] + 1) % V
+    new = tg.fit_delta(z2, y2, group, G, W, cfg)
+    others = torch.arange(G) != 2
+    assert torch.equal(new[others], ref[others]) and not torch.equal(new[2], ref[2])
+    # the same rows split differently (one group alone) give the same delta, up to rounding
+    one = tg.fit_delta(z[group == 3], y[group == 3], torch.zeros(3, dtype=torch.long), 1, W, cfg)
+    torch.testing.assert_close(one[0], ref[3], rtol=0, atol=1e-12)
+
+
+def reference_adamw(z, y, group, G, W, cfg):
+    c = cfg.logit_softcap
+    delta = torch.zeros(G, W.size(1), dtype=z.dtype, requires_grad=True)
+    opt = torch.optim.AdamW([delta], lr=cfg.slot_lr, betas=(cfg.slot_beta1, cfg.slot_beta2), eps=cfg.slot_eps,
+                            weight_decay=cfg.slot_wd)
+    count = torch.bincount(group, minlength=G).to(z.dtype)
+    for _ in range(cfg.slot_steps):
+        opt.zero_grad()
+        logits = c * torch.tanh((z + (delta @ W.T)[group]) / c)
+        nll = F.cross_entropy(logits, y, reduction="none")
+        (nll / count[group]).sum().backward()  # sum over groups of each group's mean CE
+        opt.step()
+    return delta.detach()
+
+
+@pytest.mark.parametrize("rows", [(40,), (7, 0, 12, 3), (5000, 0, 4500)])  # the last: > 1 row block on CPU
+@pytest.mark.parametrize("wd", [1e-8, 0.3])
+def test_fit_delta_matches_torch_adamw(tg, base, rows, wd):
+    cfg = cfg_of(base, slot_steps=5, slot_lr=0.05, slot_wd=wd)
+    z, y, group, G, W = fit_problem(G=len(rows), rows=rows)
+    got = tg.fit_delta(z, y, group, G, W, cfg)
+    want = reference_adamw(z, y, group, G, W, cfg)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    cfg3 = cfg_of(cfg, slot_beta1=0.3, slot_beta2=0.9, slot_eps=1e-3, logit_softcap=7.0)
+    torch.testing.assert_close(tg.fit_delta(z, y, group, G, W, cfg3), reference_adamw(z, y, group, G, W, cfg3),
+                               rtol=0, atol=1e-10)
+
+
+# ---- TTT legality ----
+def test_ttt_trains_only_scored_chunks_and_never_the_last(tg, model, tokens, base, monkeypatch):
+    calls = []
+    real = tg.ttt_train_chunk
+
+    def spy(model_, opt, params, frozen_banks, val, lo, hi, lr, cfg, rt):
+        calls.append((lo, hi, lr))
+        return real(model_, opt, params, frozen_banks, val, lo, hi, lr, cfg, rt)
+
+    monkeypatch.setattr(tg, "ttt_train_chunk", spy)
+    cfg = cfg_of(base, ttt_enabled=True)
+    run_pass(tg, model, tokens, cfg, slot=False, ttt=True)
+    n, C = tokens.numel() - 1, cfg.ttt_chunk_tokens
+    n_chunks = -(-n // C)
+    assert [(lo, hi) for lo, hi, _ in calls] == [(i * C, (i + 1) * C) for i in range(n_chunks - 1)]
+    assert all(hi < n for _, hi, _ in calls)  # the last chunk [320, 360) is never trained on
+    assert calls[0][2] == pytest.approx(cfg.ttt_lr) and all(a[2] > b[2] for a, b in zip(calls, calls[1:]))
+    plan = tg.window_plan(n, cfg.eval_seq_len, cfg.eval_stride)
+    for ci, (lo, hi, _) in enumerate(calls):  # every trained position was scored in chunk <= ci
+        for (ws, length, wlo), ch in zip(plan, tg.window_chunks(plan, C)):
+            if ws + wlo < hi:
+                assert ch <= ci
+
+
+def test_ttt_freeze_blocks_freezes_bank_slices(tg, model, tokens, base, monkeypatch):
+    L = base.num_layers
+    seen = []
+    real = tg.ttt_train_chunk
+
+    def spy(model_, opt, params, frozen_banks, val, lo, hi, lr, cfg, rt):
+        before = {k: v.clone() for k, v in model_.state_dict().items()}
+        real(model_, opt, params, frozen_banks, val, lo, hi, lr, cfg, rt)
+        seen.append((before, {k: v.clone() for k, v in model_.state_dict().items()}))
+
+    monkeypatch.setattr(tg, "ttt_train_chunk", spy)
+    cfg = cfg_of(base, ttt_enabled=True, ttt_freeze_blocks=1)
+    run_pass(tg, model, tokens, cfg, slot=False, ttt=True)
+    assert len(seen) == 5
+    frozen = {"qo_bank": (0, L), "kv_bank": (0, L), "mlp_up_bank": (0,), "mlp_down_bank": (0,)}
+    for before, after in seen:
+        for name, idx in frozen.items():
+            live = [i for i in range(before[name].size(0)) if i not in idx]
+            assert all(torch.equal(before[name][i], after[name][i]) for i in idx), name
+            assert all(not torch.equal(before[name][i], after[name][i]) for i in live), name
+        for k in before:
+            if k.startswith("blocks.0."):
+                assert torch.equal(before[k], after[k]), k
+            elif k.startswith("blocks.1.") or k in ("tok_emb.weight", "smear"):
+                assert not torch.equal(before[k], after[k]), k
+
+
+def test_score_stream_uses_amp_like_the_run(tg, model, tokens, base):
+    """score_stream decides AMP as setup_runtime does: on a CPU without fast bf16, AMP=1 is not autocast."""
+    if tg.cpu_bf16_is_fast():
+        pytest.skip("this CPU runs bf16 autocast in a real run too")
+    model32 = tg.GPT(base)  # the fixture model in fp32
+    model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    model32.eval()
+    a = tg.score_stream(model32, tokens[:100], cfg_of(base, amp=True, slot_enabled=True))
+    b = tg.score_stream(model32, tokens[:100], cfg_of(base, amp=False, slot_enabled=True))
+    assert torch.equal(a, b)
+
+
+def test_stage_compliance(tg, base):
+    for mode in ("causal", "batch"):
+        cfg = cfg_of(base, slot_mode=mode, slot_enabled=True)
+        assert tg.stage_compliance("plain", cfg) == "causal"
+        assert tg.stage_compliance("slot", cfg) == ("non-causal" if mode == "batch" else "causal")
+    assert tg.final_variant(cfg_of(base, slot_enabled=True)) == "slot"
+    assert tg.final_variant(base) == "plain"

@@ -1,0 +1,331 @@
+"""Benchmarks of train_gpt.py on this machine (CPU preset unless PRESET says otherwise).
+
+    python tools/bench.py eval                                   # random-init model, offline val set (or synthetic)
+    python tools/bench.py eval --artifact logs/run.ptz --val-tokens 0 --repeat 3
+    python tools/bench.py train ...                              # not implemented yet
+
+eval: times the sliding pass and the score-first TTT pass of `train_gpt.eval_pass` with SLOT off, with
+SLOT_MODE=batch (the seed: 3 steps) and with SLOT_MODE=causal (8 steps; once per --contexts value, 0 = every context
+row), and prints seconds, scored tokens/s, the overhead of each SLOT run over the same pass with SLOT off, and peak
+memory. Every configuration runs in a fresh interpreter after a small warm-up pass (one-time costs such as lazy
+imports and the optimizer's first step stay out of the timing); its first full pass gives its peak RSS (ru_maxrss),
+then that process times --inner pairs of (SLOT off, SLOT on) passes alternately. The overhead column is the
+in-process ratio min(on)/min(off), median over --repeat processes: process-to-process noise on a shared machine
+(+-15% here) would otherwise swamp a 10% effect. A SLOT run also scores the plain variant (eval_pass always
+does); "off" is the same pass with slot=False, so the overhead is everything SLOT adds. Other env vars (EVAL_*,
+TTT_*, ...) apply as train_gpt.py reads them; each row sets SLOT_ENABLED/MODE/STEPS/LR/CONTEXT and TTT_ENABLED.
+
+Floors (the SLOT issue): SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes.
+Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FLOOR_TIME, FLOOR_MEM = 0.10, 0.10
+
+
+class BenchError(Exception):
+    """Bad input: one line, exit status 2."""
+
+
+# ---- train ----
+def bench_train(args) -> int:
+    raise NotImplementedError("tools/bench.py train is not implemented yet")
+
+
+# ---- eval ----
+def eval_rows(args) -> list[dict]:
+    """The configurations, in table order: per pass, SLOT off first (the reference of the overhead column)."""
+    rows = []
+    for ttt in (False, True):
+        p = "ttt" if ttt else "sliding"
+        rows.append(dict(name=f"{p}/off", ttt=ttt, slot=False))
+        if "batch" in args.modes:
+            rows.append(dict(name=f"{p}/batch", ttt=ttt, slot=True, slot_mode="batch", slot_steps=args.batch_steps,
+                             slot_lr=args.batch_lr, slot_context=0))
+        if "causal" in args.modes:
+            for k in args.contexts:
+                rows.append(dict(name=f"{p}/causal" + (f" ctx={k}" if k else ""), ttt=ttt, slot=True,
+                                 slot_mode="causal", slot_steps=args.causal_steps, slot_lr=args.causal_lr,
+                                 slot_context=k))
+    return rows
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (MiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def setup(args):
+    """(cfg, model, val, source): the same for every configuration of one benchmark."""
+    import torch
+    import train_gpt as tg
+    env = {k: v for k, v in os.environ.items()}
+    env.setdefault("PRESET", "cpu")
+    cfg = tg.Config.from_env(env)
+    if args.artifact:
+        model, cfg = tg.load_artifact(args.artifact, cfg)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = tg.GPT(cfg)
+    model.eval()
+    files = tg.shard_files(cfg.data_path, "val")
+    if files:
+        tokens = tg.load_val_tokens(dataclasses.replace(cfg, val_max_tokens=args.val_tokens))
+        source = f"{cfg.data_path} (val)"
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        tokens = torch.randint(0, cfg.vocab_size, ((args.val_tokens or 65536) + 1,), generator=g)
+        source = "synthetic (uniform random tokens)"
+    try:
+        luts = tg.load_tokenizer_luts(cfg) if files else None
+    except (tg.UserError, ImportError):
+        luts = None
+    return cfg, model, tg.ValData(tokens, luts), source
+
+
+def eval_worker(args) -> int:
+    """One configuration in this (fresh) process: warm up, run the pass once, print one JSON line."""
+    import torch
+    import train_gpt as tg
+    spec = json.loads(args.worker)
+    torch.set_num_threads(args.threads)
+    cfg, model, val, source = setup(args)
+    over = dict(slot_enabled=spec["slot"], ttt_enabled=spec["ttt"])
+    if spec["slot"]:
+        over.update(slot_mode=spec["slot_mode"], slot_steps=spec["slot_steps"], slot_lr=spec["slot_lr"],
+                    slot_context=spec["slot_context"])
+    cfg = dataclasses.replace(cfg, **over)
+    cfg.validate()
+    rt = tg.Runtime(device=torch.device("cpu"), amp=cfg.amp and tg.cpu_bf16_is_fast(), compile=False)
+    kw = dict(seq_len=cfg.eval_seq_len, stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=spec["slot"],
+              ttt=spec["ttt"])
+    warm = tg.ValData(val.tokens[: 2 * cfg.eval_seq_len + 1], None)  # a few batches; TTT trains on tiny chunks
+    tg.eval_pass(model, warm, dataclasses.replace(cfg, ttt_chunk_tokens=cfg.eval_stride), rt, **kw)
+    rss0, peak0 = rss_mb(), max_rss_mb()
+
+    def timed(c, slot):
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = tg.eval_pass(model, val, c, rt, **dict(kw, slot=slot))
+        return r, time.perf_counter() - t0, time.process_time() - c0
+
+    res, secs, cpu = timed(cfg, spec["slot"])
+    peak = max_rss_mb()  # the peak of this configuration alone (fresh process, first full pass)
+    pairs = []  # then SLOT off and this configuration alternately, in this same process
+    for _ in range(args.inner if spec["slot"] else 0):
+        _, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False), False)
+        _, on_s, on_c = timed(cfg, True)
+        pairs.append(dict(off_seconds=off_s, off_cpu=off_c, seconds=on_s, cpu_seconds=on_c))
+    n = val.tokens.numel() - 1
+    plan = tg.window_plan(n, cfg.eval_seq_len, cfg.eval_stride)
+    batch = {}
+    if spec["slot"] and args.batch_reps:  # one scoring batch of full-context windows, SLOT off/on alternately
+        wins = plan[1: 1 + cfg.eval_batch_seqs]
+        idx = torch.tensor([ws for ws, _, _ in wins])[:, None] + torch.arange(wins[0][1] + 1)[None, :]
+        x, y = val.tokens[idx][:, :-1], val.tokens[idx][:, 1:]
+        los = torch.tensor([lo for _, _, lo in wins])
+        t_off, t_on = [], []
+        for _ in range(args.batch_reps):
+            for slot, acc in ((False, t_off), (True, t_on)):
+                t0 = time.perf_counter()
+                tg.score_batch(model, model.forward_hidden, x, y, los, cfg, rt, slot)
+                acc.append(time.perf_counter() - t0)
+        n_batches = sum(-(-len(list(g)) // cfg.eval_batch_seqs) for g in chunk_windows(tg, plan, cfg, spec["ttt"]))
+        batch = dict(batch_off_ms=1e3 * min(t_off), batch_on_ms=1e3 * min(t_on), n_batches=n_batches)
+    print(json.dumps(dict(
+        name=spec["name"], seconds=secs, cpu_seconds=cpu, pairs=pairs, **batch, targets=n, windows=len(plan),
+        trunk_tokens=sum(length for _, length, _ in plan), rss_before_mb=rss0, peak_before_mb=peak0,
+        peak_mb=peak, amp=rt.amp, threads=torch.get_num_threads(), source=source,
+        vocab=cfg.vocab_size, model_dim=cfg.model_dim, seq=cfg.eval_seq_len, stride=cfg.eval_stride,
+        batch_seqs=cfg.eval_batch_seqs, ttt_epochs=cfg.ttt_epochs, ttt_chunk=cfg.ttt_chunk_tokens,
+        params=tg.count_params(model),
+        results={v: {k: r[k] for k in ("loss", "bpb", "tokens", "nll")} for v, r in res.items()})))
+    return 0
+
+
+def chunk_windows(tg, plan, cfg, ttt: bool) -> list[list]:
+    """The windows of each scoring chunk, as eval_pass groups them (one chunk without TTT)."""
+    n = sum(length - lo for _, length, lo in plan)
+    C = cfg.ttt_chunk_tokens if ttt else max(n, 1)
+    chunks = [[] for _ in range(-(-n // C))]
+    for w, ch in zip(plan, tg.window_chunks(plan, C)):
+        chunks[min(ch, len(chunks) - 1)].append(w)
+    return chunks
+
+
+def slot_extra_mb(r: dict, spec: dict) -> float:
+    """Analytic size of the largest tensors SLOT adds per scoring batch (fp32): the fitted rows' hidden states and
+    logits, fit_delta's two row-block buffers, and the SLOT variant's scored logits."""
+    if not spec.get("slot"):
+        return 0.0
+    B, T, s, V, D = r["batch_seqs"], r["seq"], r["stride"], r["vocab"], r["model_dim"]
+    rows = B * T if spec["slot_mode"] == "batch" else B * min(spec["slot_context"] or T - s, T - s)
+    block = min(rows, (1 << 19) // V)
+    return 4 * (rows * (V + D) + 2 * block * V + B * s * V) / 2**20
+
+
+def run_worker(args, spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "eval", "--worker", json.dumps(spec),
+           "--val-tokens", str(args.val_tokens), "--threads", str(args.threads), "--inner", str(args.inner),
+           "--batch-reps", str(args.batch_reps)]
+    if args.artifact:
+        cmd += ["--artifact", args.artifact]
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads yield: steadier on a shared machine
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        raise BenchError(f"{spec['name']}: worker failed (exit {p.returncode}): "
+                         f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench_eval(args) -> int:
+    if args.worker:
+        return eval_worker(args)
+    if args.artifact and not Path(args.artifact).is_file():
+        raise BenchError(f"--artifact {args.artifact}: no such file")
+    specs = eval_rows(args)
+    runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
+    load0 = os.getloadavg()
+    t_all = time.perf_counter()
+    for rep in range(args.repeat):  # interleaved, so slow phases of a shared machine hit every row alike
+        for s in specs:
+            r = run_worker(args, s)
+            runs[s["name"]].append(r)
+            print(f"  [{rep + 1}/{args.repeat}] {s['name']:<22} {r['seconds']:8.2f}s (cpu {r['cpu_seconds']:.2f}s) "
+                  f"peak {r['peak_mb']:.0f} MiB", file=sys.stderr, flush=True)
+    best = {}
+    for k, v in runs.items():  # fastest of every timing of this configuration (first passes and paired ones)
+        on = [(r["seconds"], r["cpu_seconds"]) for r in v] + [(p["seconds"], p["cpu_seconds"]) for r in v
+                                                              for p in r["pairs"]]
+        best[k] = dict(v[0], seconds=min(t for t, _ in on), cpu_seconds=min(c for _, c in on),
+                       peak_mb=min(r["peak_mb"] for r in v))
+    first = next(iter(best.values()))
+    print(f"# bench eval: {first['source']}, {first['targets']} targets, seq {first['seq']} stride {first['stride']} "
+          f"batch {first['batch_seqs']} windows {first['windows']}; TTT chunk {first['ttt_chunk']} epochs "
+          f"{first['ttt_epochs']}; model {'artifact ' + args.artifact if args.artifact else 'random init'} "
+          f"({first['params']} params); torch threads {first['threads']} amp {int(first['amp'])}; "
+          f"{platform.machine()} x{os.cpu_count()}; repeat {args.repeat} (fastest kept); "
+          f"loadavg {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t_all:.0f}s")
+    hdr = ("| run | steps | seconds | tokens/s | pass vs off | cpu vs off | batch ms off/on | batch vs off "
+           "| est. pass vs off | peak MiB | peak vs off | SLOT tensors MiB | loss plain | loss slot |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    floors, out = [], []
+    for s in specs:
+        r = best[s["name"]]
+        off = best[("ttt" if s["ttt"] else "sliding") + "/off"]
+        dt, dc = r["seconds"] / off["seconds"] - 1, r["cpu_seconds"] / off["cpu_seconds"] - 1
+        procs = runs[s["name"]]
+        if any(q["pairs"] for q in procs):  # in-process pairs: min on / min off per process, median over processes
+            dt = statistics.median(min(p["seconds"] for p in q["pairs"]) / min(p["off_seconds"] for p in q["pairs"])
+                                   for q in procs if q["pairs"]) - 1
+            dc = statistics.median(min(p["cpu_seconds"] for p in q["pairs"]) / min(p["off_cpu"] for p in q["pairs"])
+                                   for q in procs if q["pairs"]) - 1
+        bt = [q for q in procs if "batch_on_ms" in q]
+        b_off = min(q["batch_off_ms"] for q in bt) if bt else None
+        b_on = min(q["batch_on_ms"] for q in bt) if bt else None
+        # SLOT's cost per batch times the pass's batches, over the pass without SLOT (fastest off pass seen)
+        off_pass = min([off["seconds"]] + [p["off_seconds"] for q in procs for p in q["pairs"]])
+        est = (b_on - b_off) / 1e3 * bt[0]["n_batches"] / off_pass if bt else None
+        dm = r["peak_mb"] / off["peak_mb"] - 1
+        res = r["results"]
+        slot_loss = f"{res['slot']['loss']:.4f}" if "slot" in res else "-"
+        same_plain = res["plain"]["nll"] == off["results"]["plain"]["nll"]
+
+        def rel(x):
+            return f"{100 * x:+.1f}%" if s["slot"] and x is not None else "-"
+        print(f"| {s['name']} | {s.get('slot_steps', '-')} | {r['seconds']:.2f} | {r['targets'] / r['seconds']:.0f} | "
+              f"{rel(dt)} | {rel(dc)} | {f'{b_off:.0f}/{b_on:.0f}' if bt else '-'} | "
+              f"{rel(b_on / b_off - 1) if bt else '-'} | {rel(est)} | {r['peak_mb']:.0f} | {rel(dm)} | "
+              f"{slot_extra_mb(r, s):.1f} | {res['plain']['loss']:.4f}{'' if same_plain else ' (!= off)'} | "
+              f"{slot_loss} |")
+        if s["slot"]:
+            floors.append((s["name"], dt, dc, est, dm))
+        out.append(dict(spec=s, best=r, runs=procs, time_overhead=dt, cpu_overhead=dc, est_overhead=est,
+                        peak_overhead=dm, plain_identical_to_off=same_plain))
+    for name, dt, dc, est, dm in floors:
+        ok = dt <= FLOOR_TIME and dm <= FLOOR_MEM
+        e = f", from the batch timing {100 * est:+.1f}%" if est is not None else ""
+        print(f"floor {name}: time {100 * dt:+.1f}% (cpu {100 * dc:+.1f}%{e}; floor {100 * FLOOR_TIME:.0f}%), "
+              f"peak memory {100 * dm:+.1f}% (floor {100 * FLOOR_MEM:.0f}%): {'PASS' if ok else 'MISS'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+def parse_contexts(s: str) -> list[int]:
+    try:
+        vals = [int(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers >= 0") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers >= 0")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="training throughput (not implemented yet)")
+    ev = sub.add_parser("eval", help="sliding and TTT passes, SLOT off / batch / causal: time and peak memory")
+    ev.add_argument("--artifact", default="", help="a saved .ptz artifact (default: a random-init model)")
+    ev.add_argument("--val-tokens", type=int, default=16384,
+                    help="cap on val targets (0: the whole val set; default 16384)")
+    ev.add_argument("--repeat", type=int, default=1, help="fresh processes per configuration (interleaved)")
+    ev.add_argument("--inner", type=int, default=2,
+                    help="per SLOT process: extra (SLOT off, SLOT on) pass pairs timed alternately (default 2)")
+    ev.add_argument("--batch-reps", type=int, default=8,
+                    help="per SLOT process: (off, on) timings of one scoring batch, alternately (default 8)")
+    ev.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
+    ev.add_argument("--modes", default="batch,causal", help="SLOT modes to time besides off (batch, causal)")
+    ev.add_argument("--contexts", type=parse_contexts, default=[0, 64],
+                    help="SLOT_CONTEXT values for causal rows (0: every context row; default 0,64)")
+    ev.add_argument("--batch-steps", type=int, default=3)
+    ev.add_argument("--batch-lr", type=float, default=0.001, help="the seed's SLOT_LR")
+    ev.add_argument("--causal-steps", type=int, default=8)
+    ev.add_argument("--causal-lr", type=float, default=0.005)
+    ev.add_argument("--json", default="", help="also write every run's numbers here")
+    ev.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one configuration, JSON spec
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train":
+            return bench_train(args)
+        if min(args.val_tokens, args.inner, args.batch_reps) < 0 or min(args.repeat, args.threads) < 1:
+            raise BenchError("--val-tokens, --inner and --batch-reps must be >= 0, --repeat and --threads >= 1")
+        args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if any(m not in ("batch", "causal") for m in args.modes):
+            raise BenchError(f"--modes {','.join(args.modes)}: use batch and/or causal")
+        return bench_eval(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
