@@ -154,7 +154,8 @@ class Config:
     slot_context: int = 0  # SLOT_CONTEXT: causal mode fits on the last N scored context targets (0: all)
     # CTW mixing at evaluation
     ctw_weight: float = 0.0  # CTW_WEIGHT: mixture weight of the context-tree model (0: off, bit-identical)
-    ctw_depth: int = 4  # CTW_DEPTH
+    ctw_depth: int = 4  # CTW_DEPTH: context-tree depth (previous tokens)
+    ctw_alpha: float = 0.0  # CTW_ALPHA: estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
     control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
 
     # -- derived --
@@ -204,6 +205,7 @@ class Config:
                      "SLOT_BETA1", "SLOT_BETA2"):
             need(0 <= getattr(self, name.lower()) < 1, name, "must be in [0, 1)")
         need(0 <= self.ctw_weight < 1, "CTW_WEIGHT", "must be in [0, 1)")
+        need(self.ctw_alpha >= 0, "CTW_ALPHA", "must be >= 0 (0: 1/VOCAB_SIZE)")
         need(self.slot_eps > 0, "SLOT_EPS", "must be > 0")
         need(self.slot_mode in SLOT_MODES, "SLOT_MODE", f"one of {', '.join(SLOT_MODES)}")
         need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
@@ -692,7 +694,7 @@ class Block(nn.Module):
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, ve):
+    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, ve, cache=None):
         B, T, D = x.shape
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln
@@ -702,9 +704,22 @@ class Block(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.Hkv, self.hd)
-        q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+        if cache is None:
+            q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+        else:  # KV cache (generation): these T tokens sit at positions P..P+T-1 after the P cached ones
+            P = cache["k"].size(1) if "k" in cache else 0
+            n = max(P + T, cache.get("rope_len", 0))  # RoPE table length (its NTK base depends on it)
+            q, k = (rotary(F.pad(rms_norm(t), (0, 0, 0, 0, P, n - P - T)))[:, P:P + T] for t in (q, k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = attend(q, k, v)
+        if cache is None:
+            y = attend(q, k, v)
+        else:
+            kc = torch.cat((cache["k"], k), 1) if P else k
+            vc = torch.cat((cache["v"], v), 1) if P else v
+            cache["k"], cache["v"] = kc, vc
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=self.Hkv != self.H).transpose(1, 2)
         if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
             yg = y.view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -759,23 +774,36 @@ class GPT(nn.Module):
     def banks(self):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
 
-    def forward_hidden(self, ids: Tensor) -> Tensor:
-        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks."""
+    def forward_hidden(self, ids: Tensor, cache: dict | None = None) -> Tensor:
+        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks.
+
+        cache (generation only; None: unchanged): a dict, {} at first, that keeps every layer's keys/values and the
+        last token and embedding; `ids` are then the tokens after the cached ones, and only they are computed. The
+        result equals one uncached call on the whole sequence (to float rounding) while the sequence is at most
+        Rotary.NTK_LEN tokens long; cache["rope_len"] = n fixes the RoPE table at n positions, as a call of n uses."""
         L = self.cfg.num_layers
         qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.qat and self.training else self.banks()
         x = self.tok_emb(ids)
         if self.bigram is not None:
-            x = x + self.bigram(ids)
+            x = x + (self.bigram(ids) if cache is None or "ids" not in cache else
+                     self.bigram(torch.cat((cache["ids"], ids), 1))[:, 1:])
         x = rms_norm(x)
         g = torch.sigmoid(self.smear).to(x.dtype)
-        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        if cache is None:
+            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        else:  # the token before ids[:, 0] is the last cached one
+            prev = torch.cat((cache["x"], x[:, :-1]), 1) if "x" in cache else F.pad(x[:, :-1], (0, 0, 1, 0))
+            cache["ids"], cache["x"] = ids[:, -1:], x[:, -1:]
+            x = (1 - g) * x + g * prev
+            layers = cache.setdefault("layers", [{"rope_len": cache.get("rope_len", 0)} for _ in self.blocks])
         x0, skips = x, []
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         for i, blk in enumerate(self.blocks):
             if i >= self.n_enc and skips:
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve_i = ve * self.ve_shared.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, ve_i)
+            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, ve_i,
+                    None if cache is None else layers[i])
             if i < self.n_enc:
                 skips.append(x)
         return rms_norm(x)
@@ -989,7 +1017,7 @@ class Logger:
             self.fh.flush()
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow a SIGTERM
     pass
 
 
@@ -1245,6 +1273,8 @@ def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, dict, di
         off = len(ARTIFACT_MAGIC) + 2
         names = [blob[off + 8 * i: off + 8 * i + 8].rstrip(b"\0").decode() for i in range(n)]
         off += 8 * n
+        if len(blob) <= off + 4:
+            raise ArtifactError(f"{path}: truncated artifact ({len(blob)} bytes: the header is incomplete)")
         crc = int.from_bytes(blob[off: off + 4], "little")
         method = names[idx]
         comps = _compressors()
@@ -1254,7 +1284,8 @@ def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, dict, di
     except ArtifactError:
         raise
     except Exception as e:
-        raise ArtifactError(f"{path}: truncated or corrupted artifact ({type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"{path}: truncated or corrupted artifact ({len(blob)} bytes; {why})") from None
     if zlib.crc32(payload) != crc:
         raise ArtifactError(f"{path}: corrupted artifact (checksum mismatch)")
     try:
@@ -1359,21 +1390,37 @@ def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor,
 def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
     """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
 
-    z: (R,V) fp32 raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head),
+    z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head),
     y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared clipping.
-    Returns (n_groups, D) fp32. Same update rule as torch.optim.AdamW."""
-    c, D = cfg.logit_softcap, W.size(1)
-    delta = torch.zeros(n_groups, D, device=z.device)
+    Returns (n_groups, D) in z's dtype. Same update rule as torch.optim.AdamW. A step is elementwise work on row
+    blocks that stay in cache, with softcap(a) = 2c*sigmoid(2a/c) - c (the softmax drops the -c) and
+    softcap'(a) = 4s(1-s): sigmoid costs a fraction of tanh on CPUs. Each group's gradient is summed in row order,
+    so it does not depend on the other groups or on the block size."""
+    c, dt = cfg.logit_softcap, z.dtype
+    W = W.to(dt)
+    delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
+    R, V = z.shape
+    if R == 0 or cfg.slot_steps == 0:
+        return delta
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
-    inv = (1.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).float())[group][:, None]
-    rows = torch.arange(y.numel(), device=z.device)
+    scale = (4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt))[:, None]  # group mean; 4s(1-s)
+    nb = R if z.is_cuda else max(1, min(R, (1 << 19) // V))  # CPU: 2 MB blocks stay in cache; GPU: one launch
+    xb, pb = z.new_empty(nb, V), z.new_empty(nb, V)
+    cell = group * V + y  # (group, target) of each row in the flat (G*V) gradient
     lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
     for t in range(1, cfg.slot_steps + 1):
-        th = torch.tanh((z + (delta @ W.T)[group]) / c)
-        p = torch.softmax(c * th, dim=-1)
-        p[rows, y] -= 1
-        ga = p.mul_(1 - th * th).mul_(inv)  # d(mean CE)/d(z + u), row-wise
-        g = torch.zeros(n_groups, z.size(1), device=z.device).index_add_(0, group, ga) @ W
+        u = (delta @ W.T).mul_(2 / c)
+        g = torch.zeros(n_groups, V, dtype=dt, device=z.device)
+        for a in range(0, R, nb):
+            b = min(a + nb, R)
+            x, p, gr = xb[: b - a], pb[: b - a], group[a:b]
+            torch.index_select(u, 0, gr, out=x).add_(z[a:b], alpha=2 / c)
+            x.sigmoid_()  # s = sigmoid(2(z + W delta)/c)
+            torch.softmax(torch.mul(x, 2 * c, out=p), -1, out=p)
+            x.addcmul_(x, x, value=-1)  # s(1-s)
+            g.index_add_(0, gr, p.mul_(x))  # softmax part of d(CE)/d(z + W delta)
+            g.view(-1).index_add_(0, cell[a:b], x.gather(1, y[a:b, None]).squeeze(1), alpha=-1)  # one-hot part
+        g = g.mul_(scale) @ W
         delta.mul_(1 - lr * cfg.slot_wd)
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -1390,17 +1437,19 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
-        h = h.float()
-        W = model.head_weight().float()
+        h = h if h.dtype == torch.float64 else h.float()  # fp32 head (bf16 trunk); a float64 model stays float64
+        W = model.head_weight().to(h.dtype)
         scored = torch.arange(T, device=x.device)[None, :] >= los[:, None]
-        zs, ys = model.raw_logits(h[scored]), y[scored]
+        zs, ys = F.linear(h[scored], W), y[scored]  # model.raw_logits, without its cast to fp32
         out = {"plain": F.cross_entropy(model.softcap(zs), ys, reduction="none").double()}
         if slot:
             fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
-            delta = fit_delta(model.raw_logits(h[fit]), y[fit], group, n_groups, W, cfg)
+            delta = fit_delta(F.linear(h[fit], W), y[fit], group, n_groups, W, cfg)
             sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
                 torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
-            out["slot"] = F.cross_entropy(model.softcap(zs + (delta @ W.T)[sgroup]), ys, reduction="none").double()
+            zd = torch.index_select(delta @ W.T, 0, sgroup).add_(zs)
+            zd.div_(model.cfg.logit_softcap).tanh_().mul_(model.cfg.logit_softcap)  # = model.softcap, in place
+            out["slot"] = F.cross_entropy(zd, ys, reduction="none").double()
     return scored, out
 
 
@@ -1465,6 +1514,15 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
     for w, ch in zip(plan, window_chunks(plan, C)):
         by_chunk[min(ch, n_chunks - 1)].append(w)
     variants = ["plain"] + (["slot"] if slot else [])
+    ctw = cfg.ctw_weight > 0  # CTW_WEIGHT=0: nothing below is computed, no variant added (bit-identical)
+    if ctw:  # one causal CTW pass over the whole stream, indexed by the scored positions; adds ctw / slot_ctw
+        t_ctw = time.perf_counter()
+        ctw_lp = ctw_log_probs(tokens.to(rt.device), cfg.vocab_size, cfg.ctw_depth, cfg.ctw_alpha)
+        variants += [ctw_variant(v) for v in variants]
+        if log:
+            log(f"ctw: depth={cfg.ctw_depth} alpha={cfg.ctw_alpha or 1 / cfg.vocab_size:g} weight={cfg.ctw_weight} "
+                f"mix=linear(fixed) tokens={n} "
+                f"time={time.perf_counter() - t_ctw:.2f}s")
     sums = torch.zeros(len(variants), 3, dtype=torch.float64)
     streams = {v: torch.full((n,), float("nan"), dtype=torch.float64) for v in variants} if collect else None
     hidden_fn = maybe_compile(model.forward_hidden, rt)
@@ -1500,6 +1558,9 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             x, y = xy[:, :-1], xy[:, 1:]
             los = torch.tensor([lo for _, _, lo in batch], device=rt.device)
             scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)
+            if ctw:  # idx[:, j] = ws + j: the stream index of target y[:, j]
+                lp = ctw_lp[idx[:, :-1].to(rt.device)[scored]]
+                nlls.update({ctw_variant(v): ctw_mix(nlls[v], lp, cfg.ctw_weight) for v in list(nlls)})
             nbytes = luts.target_bytes(x[scored], y[scored]).sum().item() if luts is not None else 0
             for vi, v in enumerate(variants):
                 sums[vi, 0] += nlls[v].sum().item()
@@ -1536,21 +1597,23 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
 def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
     """Non-overlapping TRAIN_SEQ_LEN rows, every target once (diagnostic and the roundtrip score)."""
     rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
-    r = eval_pass(model, val, cfg, rt, seq_len=cfg.train_seq_len, stride=cfg.train_seq_len, batch_seqs=rows,
-                  slot=False, ttt=False)["plain"]
+    r = eval_pass(model, val, dataclasses.replace(cfg, ctw_weight=0.0), rt, seq_len=cfg.train_seq_len,
+                  stride=cfg.train_seq_len, batch_seqs=rows, slot=False, ttt=False)["plain"]
     model.train()
     return r["loss"], r["bpb"]
 
 
 def final_variant(cfg: Config) -> str:
-    return "slot" if cfg.slot_enabled else "plain"
+    v = "slot" if cfg.slot_enabled else "plain"
+    return ctw_variant(v) if cfg.ctw_weight > 0 else v
 
 
 def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
     """NLL (float64) of every target tokens[1:], in stream order, by the final evaluation's code path (sliding
     windows, TTT and SLOT as configured) on one process. The model's weights are left as they were."""
     device = next(model.parameters()).device
-    rt = Runtime(device=device, amp=cfg.amp, compile=False)
+    amp = cfg.amp and (device.type == "cuda" or cpu_bf16_is_fast())  # as setup_runtime decides it
+    rt = Runtime(device=device, amp=amp, compile=False)
     r = eval_pass(model, ValData(tokens.long().cpu(), None), cfg, rt, seq_len=cfg.eval_seq_len,
                   stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled,
                   ttt=cfg.ttt_enabled, collect=True)
@@ -1558,10 +1621,105 @@ def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
 
 
 def stage_compliance(variant: str, cfg: Config) -> str:
-    """'causal' when every scored distribution depends only on the artifact and the strict prefix (C1-C4)."""
+    """'causal' when every scored distribution depends only on the artifact and the strict prefix (C1-C4).
+    A CTW mixture (ctw, slot_ctw) is as causal as its base variant: the CTW model itself is causal."""
+    variant = "plain" if variant == "ctw" else variant.removesuffix("_ctw")
     if variant == "slot" and cfg.slot_mode == "batch":
         return "non-causal"
     return "causal"
+
+
+def _sorted_groups(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable sort of keys: (order, first) where first[i] is the sorted index where sorted entry i's group starts.
+    Within a group the sorted entries are in stream order (stable), so i - first[i] = earlier occurrences."""
+    order = torch.argsort(keys, stable=True)
+    sk = keys[order]
+    idx = torch.arange(keys.numel(), device=keys.device)
+    start = torch.ones_like(sk, dtype=torch.bool)
+    start[1:] = sk[1:] != sk[:-1]
+    return order, torch.cummax(torch.where(start, idx, 0), 0).values
+
+
+def _earlier_count(keys: Tensor) -> Tensor:
+    """For each position t: the number of positions < t with the same key."""
+    order, first = _sorted_groups(keys)
+    out = torch.empty_like(keys)
+    out[order] = torch.arange(keys.numel(), device=keys.device) - first
+    return out
+
+
+def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
+    """For each position t: the sum of v over positions < t in t's group (segmented exclusive scan by doubling:
+    log2(largest group) vectorised steps, each sum accumulated within its own group only)."""
+    sv = v[order]
+    idx = torch.arange(v.numel(), device=v.device)
+    acc = torch.zeros_like(sv)
+    acc[1:] = sv[:-1]
+    acc = torch.where(idx > first, acc, torch.zeros_like(acc))  # e[i] = v[i-1] inside a group, 0 at its start
+    span, s = int((idx - first).max().item()) + 1, 1
+    while s < span:
+        sh = torch.zeros_like(acc)
+        sh[s:] = acc[:-s]
+        acc = acc + torch.where(idx - s >= first, sh, torch.zeros_like(sh))
+        s *= 2
+    out = torch.empty_like(v)
+    out[order] = acc
+    return out
+
+
+def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) -> Tensor:
+    """Context Tree Weighting over the token stream: float64 log p_ctw(tokens[t] | tokens[:t]) for t = 1..N.
+
+    Tree: the node of order j for target t is its previous j tokens (positions before the stream start read as a
+    pad symbol `vocab`, so every target has a full path of depth `depth`). Node ids are exact (no hashing, any
+    depth and vocab): id_j = rank of the pair (id_{j-1}, token j back) among all pairs, so id_j < N.
+    Each node predicts with a Dirichlet (add-alpha) estimator (n(s,y) + alpha) / (n(s) + vocab * alpha), counts
+    over EARLIER targets of the stream only; alpha = 1/2 is KT, alpha = 0 means 1/vocab (Perks: total prior mass
+    1, far sharper than KT on a 1024-token alphabet where a context seen once should already predict its
+    continuation). Weighting (CTW, multi-alphabet), with e_j the estimator at the order-j node: leaf p_D = e_D;
+    for j < D, p_j(y) = w_j e_j(y) + (1 - w_j) p_{j+1}(y) with w_j = beta_j / (1 + beta_j), log beta_j(s) = sum
+    over earlier targets through node s of log e_j(y) - log p_{j+1}(y) (beta = 1 for a fresh node): the weights
+    come from past data only. This is sequential CTW
+    (P_w = 1/2 P_e + 1/2 prod P_w(children)) exactly; every p_j is a convex mixture of normalised distributions,
+    so p_ctw = p_0 is normalised over the whole vocabulary. Vectorised: per order two stable sorts and a
+    segmented scan, no Python loop over tokens. Causal by construction: entry i (target tokens[i+1]) depends on
+    tokens[:i+1] only (its context, and counts and weights accumulated over the earlier targets)."""
+    s = tokens.long()
+    n, dev = s.numel() - 1, s.device
+    alpha = alpha or 1.0 / vocab
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.float64, device=dev)
+    y = s[1:]
+    padded = torch.cat([torch.full((depth,), vocab, dtype=torch.long, device=dev), s[:-1]])  # padded[depth+t] = s[t]
+    ctx = [torch.zeros(n, dtype=torch.long, device=dev)]
+    for j in range(1, depth + 1):  # token j back from target t (= s[t+1]) is s[t+1-j] = padded[depth + t + 1 - j]
+        sym = padded[depth + 1 - j: depth + 1 - j + n]
+        ctx.append(torch.unique(ctx[-1] * (vocab + 1) + sym, return_inverse=True)[1])
+    lp = None
+    while ctx:  # leaf (order depth) to root (order 0), one order's sorts alive at a time
+        c = ctx.pop()
+        order, first = _sorted_groups(c)
+        nc = torch.empty_like(c)
+        nc[order] = torch.arange(n, device=dev) - first
+        ny = _earlier_count(c * vocab + y)
+        log_kt = torch.log(ny.double() + alpha) - torch.log(nc.double() + vocab * alpha)
+        if lp is None:
+            lp = log_kt
+        else:
+            lb = _earlier_sum(order, first, log_kt - lp)
+            lp = torch.logaddexp(F.logsigmoid(lb) + log_kt, F.logsigmoid(-lb) + lp)
+    return lp
+
+
+def ctw_variant(v: str) -> str:
+    """Name of the CTW-mixed variant of a scoring variant: plain -> ctw, slot -> slot_ctw."""
+    return "ctw" if v == "plain" else v + "_ctw"
+
+
+def ctw_mix(nll: Tensor, ctw_lp: Tensor, w: float) -> Tensor:
+    """NLL under the linear mixture (1 - w) p_model + w p_ctw (fixed weight w = CTW_WEIGHT in (0, 1)); a convex
+    mix of two normalised distributions over the vocabulary is normalised. Computed stably in log space."""
+    return -torch.logaddexp(math.log1p(-w) - nll, math.log(w) + ctw_lp.to(nll.dtype))
 
 
 def estimate_eval_seconds(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> float:
@@ -1595,6 +1753,7 @@ def run(env: dict) -> dict:
     np.random.seed(cfg.seed)
     run_id = cfg.run_id or str(uuid.uuid4())
     out_dir = Path(cfg.out_dir)
+    loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
     log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
     log(Path(__file__).read_text(encoding="utf-8"), console=False)
@@ -1612,7 +1771,7 @@ def run(env: dict) -> dict:
                "val_tokens": n_val, "stages": {}}
     artifact_path = Path(cfg.load_artifact) if cfg.eval_only else out_dir / f"{run_id}.ptz"
     if cfg.eval_only:
-        model, cfg = load_artifact(cfg.load_artifact, cfg)
+        model, cfg = loaded
         blob_len = artifact_path.stat().st_size
         summary.update(steps=0, train_seconds=0.0, mode="eval_only", artifact=str(artifact_path))
         log(f"eval_only: loaded {artifact_path} ({blob_len} bytes)")
@@ -1666,8 +1825,8 @@ def run(env: dict) -> dict:
     est = estimate_eval_seconds(model, val, cfg, rt)
     log(f"eval_budget:estimate_seconds:{est:.0f} limit:{cfg.eval_time_limit_seconds:.0f}")
     if est > cfg.eval_time_limit_seconds:
-        log(f"WARNING: estimated eval time {est:.0f}s exceeds EVAL_TIME_LIMIT_SECONDS={cfg.eval_time_limit_seconds:.0f}"
-            " (shrink EVAL_BATCH_SEQS work: raise EVAL_STRIDE, or disable TTT_ENABLED/SLOT_ENABLED)")
+        log(f"WARNING: estimated eval time {est:.3g}s exceeds EVAL_TIME_LIMIT_SECONDS={cfg.eval_time_limit_seconds:g}"
+            " (to shrink it: raise EVAL_STRIDE, or disable TTT_ENABLED/SLOT_ENABLED)")
     eval_t0 = time.perf_counter()
 
     def record(name: str, r: dict, seconds: float, legacy: str | None, variant: str) -> None:
@@ -1723,12 +1882,13 @@ def main(env=None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if env.get("RANK", "0") == "0":  # every rank hits the same user error: rank 0 reports it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         if debug:
             raise
-        print(f"interrupted ({e or 'SIGINT'}): stopped; no artifact or summary was written for the unfinished phase "
+        print(f"interrupted ({str(e) or 'SIGINT'}): stopped; no artifact or summary was written for the unfinished phase "
               "(files are only ever renamed into place when complete)", file=sys.stderr)
         return 130
     except Exception as e:
