@@ -211,8 +211,8 @@ class Config:
         need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be a multiple of NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
-        need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS",
-             f"an even number <= head dim {self.head_dim}")
+        need(self.rope_dims % 2 == 0 and self.rope_dims != 2 and self.rope_dims <= self.head_dim, "ROPE_DIMS",
+             f"0 or an even number in [4, {self.head_dim}] (head dim; 2 breaks NTK scaling past 1024)")
         need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", f"<= NUM_LAYERS={self.num_layers}")
         need(self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"<= NUM_LAYERS={self.num_layers}")
         need(all(0 <= i < self.num_layers for i in self.ve_layers), "VE_LAYERS",
@@ -1016,6 +1016,11 @@ class Logger:
             self.fh.write(msg + "\n")
             self.fh.flush()
 
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+            self.fh = None
+
 
 class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow a SIGTERM
     pass
@@ -1127,13 +1132,14 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_v:.4f}", lr_mul=f"{mul:.3f}")
-        if step <= 10 or step % max(cfg.train_log_every, 1) == 0:
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss_v:.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
         reached = torch.tensor(float(cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds),
                                device=rt.device)
         if rt.world_size > 1:
             dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        if step <= 10 or step % max(cfg.train_log_every, 1) == 0 or step == cfg.iterations or \
+                (reached.item() and not stop_after):  # the last training step is always logged
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss_v:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
         if reached.item() and not stop_after:
             stop_after = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
@@ -1185,15 +1191,17 @@ def rebank(sd: dict, L: int) -> dict:
     return out
 
 
-def quantize_rows(w: Tensor, qmax: int, percentiles) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-qmax, qmax]; each row keeps the clip percentile with least error."""
+def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linear") -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization to [-qmax, qmax]; each row keeps the clip percentile with least error.
+    interpolation="higher" makes each clip an actual |w| of its row, so re-exporting dequantized weights is a
+    fixed point (int8); "linear" (int6) gives clips between the largest values, which the search can exploit."""
     w = w.float()
     a = w.abs()
-    clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1) if len(percentiles) > 1 or \
-        percentiles[0] < 1 else a.amax(dim=1)[None]
+    clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1, interpolation=interpolation) \
+        if len(percentiles) > 1 or percentiles[0] < 1 else a.amax(dim=1)[None]
     best_q, best_s, best_err = None, None, None
     for clip in clips:
-        s = (clip / qmax).clamp_min(1e-10).half()
+        s = (clip / qmax).half().clamp_min(2.0 ** -24)  # clamp after the cast: a tiny clip must not round to 0
         q = (w / s.float()[:, None]).round().clamp(-qmax, qmax)
         err = (q * s.float()[:, None] - w).square().sum(1)
         if best_err is None:
@@ -1220,7 +1228,7 @@ def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
             arrays[name + ".q"], arrays[name + ".scale"] = q.numpy(), s.numpy()
         else:
             kind = "int8"
-            q, s = quantize_rows(t, 127, (INT8_CLIP_Q,))
+            q, s = quantize_rows(t, 127, (INT8_CLIP_Q,), "higher")
             arrays[name + ".q"], arrays[name + ".scale"] = q.numpy(), s.numpy()
         meta[name] = {"kind": kind, "shape": list(t.shape)}
     return arrays, meta
@@ -1374,12 +1382,13 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor, Tensor, int]:
-    """Which rows SLOT fits on: batch mode, every position of every window (one shared delta: NOT causal);
+    """Which rows SLOT fits on: batch mode, every position but the last of every window, as the seed (one shared
+    delta: NOT causal);
     causal mode, each window's last `context` positions before its first scored one (all if 0), one delta per
     window. Returns (fit mask (B,T), group index per fitted row, number of groups)."""
     pos = torch.arange(T, device=los.device)[None, :]
     if mode == "batch":
-        mask = torch.ones(los.numel(), T, dtype=torch.bool, device=los.device)
+        mask = (pos < T - 1).expand(los.numel(), -1)
         return mask, torch.zeros(int(mask.sum()), dtype=torch.long, device=los.device), 1
     k = context or T
     mask = (pos < los[:, None]) & (pos >= (los[:, None] - k))
@@ -1754,9 +1763,17 @@ def run(env: dict) -> dict:
     run_id = cfg.run_id or str(uuid.uuid4())
     out_dir = Path(cfg.out_dir)
     loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
+    source = Path(__file__).read_bytes()  # the code that runs: measured once, before anyone can edit the file
     log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
+    try:
+        return _run(cfg, rt, env, run_id, out_dir, loaded, source, log)
+    finally:
+        log.close()
+
+
+def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded, source: bytes, log: Logger) -> dict:
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
-    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log(source.decode("utf-8"), console=False)
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
         f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)}")
     for w in env_warnings(env):
@@ -1813,7 +1830,7 @@ def run(env: dict) -> dict:
         summary.update(mode="train", artifact=str(artifact_path), compressor=method)
         model, _ = load_artifact(str(artifact_path), cfg)  # roundtrip: a fresh model from the written file
         model = model.to(rt.device)
-    nbytes_code = code_bytes()
+    nbytes_code = len(source)
     total = nbytes_code + blob_len
     fits = total <= 16_000_000
     log(f"Code size: {nbytes_code} bytes")

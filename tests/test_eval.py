@@ -129,7 +129,8 @@ def test_slot_fit_rows(tg):
     mask, group, G = tg.slot_fit_rows(los, 32, "causal", 5)
     assert mask.sum(1).tolist() == [0, 5, 5, 5] and bool(mask[3, 25:30].all())
     mask, group, G = tg.slot_fit_rows(los, 32, "batch", 0)
-    assert G == 1 and bool(mask.all()) and bool((group == 0).all())
+    assert G == 1 and bool(mask[:, :31].all()) and not bool(mask[:, 31].any()) and bool((group == 0).all())
+    assert group.numel() == 4 * 31  # the seed's rows: every position but the last
 
 
 # ---- C4: every target scored exactly once ----

@@ -268,9 +268,6 @@ def test_optimizer_step_clips_and_updates_banks(tg):
         assert sv.max() < 1.5 and sv.max() > 0.5
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="BUG Rotary.cos_sin: the NTK exponent dims/(dims-2) divides by zero for ROPE_DIMS=2 once "
-                          "T > 1024 (the default TRAIN_SEQ_LEN=2048), and Config.validate accepts ROPE_DIMS=2")
 def test_rope_dims_2_is_rejected_or_works_past_1024(tg):
     env = {"PRESET": "competition", "ROPE_DIMS": "2", "NUM_LAYERS": "1", "VE_LAYERS": "0", "XSA_LAST_N": "1",
            "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "64", "BIGRAM_VOCAB_SIZE": "0"}

@@ -111,7 +111,7 @@ def run_train(tg, cfg, tmp_path, clock, monkeypatch):
     log_path = tmp_path / "train.txt"
     log = tg.Logger(log_path, True)
     out = tg.train(cfg, rt, model, val, log, clock=clock)
-    log.fh.close()
+    log.close()
     return out, model, lr_calls, sched, log_path.read_text()
 
 

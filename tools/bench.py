@@ -2,7 +2,7 @@
 
     python tools/bench.py eval                                   # random-init model, offline val set (or synthetic)
     python tools/bench.py eval --artifact logs/run.ptz --val-tokens 0 --repeat 3
-    python tools/bench.py train ...                              # not implemented yet
+    python tools/bench.py train                                  # training steps/s, eager vs compiled, MFU
 
 eval: times the sliding pass and the score-first TTT pass of `train_gpt.eval_pass` with SLOT off, with
 SLOT_MODE=batch (the seed: 3 steps) and with SLOT_MODE=causal (8 steps; once per --contexts value, 0 = every context
@@ -14,6 +14,11 @@ in-process ratio min(on)/min(off), median over --repeat processes: process-to-pr
 (+-15% here) would otherwise swamp a 10% effect. A SLOT run also scores the plain variant (eval_pass always
 does); "off" is the same pass with slot=False, so the overhead is everything SLOT adds. Other env vars (EVAL_*,
 TTT_*, ...) apply as train_gpt.py reads them; each row sets SLOT_ENABLED/MODE/STEPS/LR/CONTEXT and TTT_ENABLED.
+
+train: runs `train_gpt.train` itself (ITERATIONS=--steps after --warmup undone warm-up steps, no wall-clock cap) in a
+fresh process per mode, eager and torch.compile'd, and prints s/step, tokens/s, model FLOPs per token (6 x matmul
+weights + causal attention), achieved GFLOP/s, MFU against this machine's measured fp32 and bf16 matmul peaks, and
+peak RSS. A compile failure is a row of the table, not a crash.
 
 Floors (the SLOT issue): SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes.
 Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
@@ -44,8 +49,109 @@ class BenchError(Exception):
 
 
 # ---- train ----
+def matmul_gflops(dtype_name: str, n: int = 1024, reps: int = 6) -> float:
+    """This machine's measured (n x n) @ (n x n) throughput in this dtype, fastest of `reps` (the MFU peak)."""
+    import torch
+    dt = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    a @ b
+    best = float("inf")
+    for _ in range(reps if dt == torch.float32 else 2):  # bf16 is ~100x slower on AVX2-only CPUs: 2 reps suffice
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def model_flops_per_token(model, cfg) -> float:
+    """Training FLOPs per token: 6 x (weights used in matmuls, the tied head included) + 6 L T D for causal attention
+    (QK^T and AV, forward 2 T D per layer on average, backward twice that). Embedding lookups and elementwise work
+    are not counted, as in the usual MFU convention."""
+    mm = sum(p.numel() for n, p in model.named_parameters()
+             if n.endswith("_bank") or n.endswith("proj.weight") or n == "lm_head.weight")
+    mm += cfg.vocab_size * cfg.model_dim if cfg.tie_embeddings else 0
+    return 6.0 * mm + 6.0 * cfg.num_layers * cfg.train_seq_len * cfg.model_dim
+
+
+def train_worker(args) -> int:
+    """One mode in this (fresh) process: real `train_gpt.train` steps (optimizer included), one JSON line."""
+    import torch
+    import train_gpt as tg
+    torch.set_num_threads(args.threads)
+    env = dict(os.environ)
+    env.setdefault("PRESET", "cpu")
+    env.update(ITERATIONS=str(args.steps), WARMUP_STEPS=str(args.warmup), MAX_WALLCLOCK_SECONDS="0",
+               VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1000000")
+    cfg = tg.Config.from_env(env)
+    rt = tg.setup_runtime(cfg, env)
+    rt = dataclasses.replace(rt, compile=args.one == "compiled")  # the runtime compiles on CUDA only; here we ask
+    if not tg.shard_files(cfg.data_path, "train"):
+        raise BenchError(f"DATA_PATH {cfg.data_path} has no train shards: run `bash setup.sh` (offline dataset)")
+    torch.manual_seed(cfg.seed)
+    model = tg.GPT(cfg).to(rt.device)
+    val_cfg = dataclasses.replace(cfg, val_max_tokens=cfg.train_seq_len * 4)
+    val = tg.ValData(tg.load_val_tokens(val_cfg), tg.load_tokenizer_luts(cfg))
+    log = tg.Logger(None, False)
+    t = time.perf_counter()
+    out = tg.train(val_cfg, rt, model, val, log)
+    wall = time.perf_counter() - t
+    tokens = out["steps"] * cfg.train_batch_tokens
+    print(json.dumps(dict(mode=args.one, steps=out["steps"], warmup=args.warmup, train_seconds=out["train_seconds"],
+                          wall_seconds=wall, tokens=tokens, batch_tokens=cfg.train_batch_tokens,
+                          seq_len=cfg.train_seq_len, params=tg.count_params(model), amp=rt.amp,
+                          flops_per_token=model_flops_per_token(model, cfg), peak_mb=max_rss_mb(),
+                          threads=torch.get_num_threads(), device=str(rt.device))))
+    return 0
+
+
 def bench_train(args) -> int:
-    raise NotImplementedError("tools/bench.py train is not implemented yet")
+    if args.one:
+        return train_worker(args)
+    rows = []
+    load0 = os.getloadavg()
+    for mode in args.modes:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "train", "--one", mode, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if p.returncode != 0:
+            why = (p.stderr.strip().splitlines() or ["?"])[-1]
+            if p.returncode == 2:
+                raise BenchError(why.removeprefix("error: "))
+            print(f"  {mode}: failed (exit {p.returncode}): {why}", file=sys.stderr)
+            rows.append(dict(mode=mode, failed=why))
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r["process_seconds"] = time.perf_counter() - t
+        rows.append(r)
+        print(f"  {mode}: {r['train_seconds']:.1f}s for {r['steps']} steps (process {r['process_seconds']:.0f}s)",
+              file=sys.stderr, flush=True)
+    import torch
+    torch.set_num_threads(args.threads)
+    peak32, peak16 = matmul_gflops("float32"), matmul_gflops("bfloat16")
+    ok = [r for r in rows if "failed" not in r]
+    if ok:
+        r0 = ok[0]
+        print(f"# bench train: PRESET={os.environ.get('PRESET', 'cpu')} {r0['params']} params, batch "
+              f"{r0['batch_tokens']} tokens x seq {r0['seq_len']}, {args.steps} timed steps after {args.warmup} "
+              f"warm-up steps, optimizer included; device {r0['device']} amp {int(r0['amp'])}, torch threads "
+              f"{r0['threads']}; {platform.machine()} x{os.cpu_count()}; matmul peak fp32 {peak32:.1f} GFLOP/s, "
+              f"bf16 {peak16:.1f} GFLOP/s; loadavg {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print("| mode | steps | s/step | tokens/s | MFLOP/token | GFLOP/s | MFU vs fp32 peak | MFU vs bf16 peak "
+          "| peak RSS MiB | process s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['mode']} | failed: {r['failed']} | | | | | | | | |")
+            continue
+        tps = r["tokens"] / r["train_seconds"]
+        gf = tps * r["flops_per_token"] / 1e9
+        print(f"| {r['mode']} | {r['steps']} | {r['train_seconds'] / r['steps']:.2f} | {tps:.0f} | "
+              f"{r['flops_per_token'] / 1e6:.1f} | {gf:.1f} | {100 * gf / peak32:.1f}% | {100 * gf / peak16:.0f}% | "
+              f"{r['peak_mb']:.0f} | {r['process_seconds']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows=rows, peak_fp32=peak32, peak_bf16=peak16), indent=1) + "\n")
+    return 0 if ok else 1
 
 
 # ---- eval ----
@@ -288,7 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train", help="training throughput (not implemented yet)")
+    tr = sub.add_parser("train", help="training throughput (optimizer steps) eager and compiled: tokens/s, MFU, memory")
+    tr.add_argument("--steps", type=int, default=6, help="timed training steps per mode (default 6)")
+    tr.add_argument("--warmup", type=int, default=2, help="warm-up steps first (run, then undone; default 2)")
+    tr.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (torch.compile, inductor)")
+    tr.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    tr.add_argument("--json", default="", help="also write the rows here")
+    tr.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one mode in this process
     ev = sub.add_parser("eval", help="sliding and TTT passes, SLOT off / batch / causal: time and peak memory")
     ev.add_argument("--artifact", default="", help="a saved .ptz artifact (default: a random-init model)")
     ev.add_argument("--val-tokens", type=int, default=16384,
@@ -315,6 +427,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "train":
+            if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+                raise BenchError("--steps and --threads must be >= 1, --warmup >= 0")
+            args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+            if not args.modes or any(m not in ("eager", "compiled") for m in args.modes):
+                raise BenchError(f"--modes {','.join(args.modes)}: use eager and/or compiled")
             return bench_train(args)
         if min(args.val_tokens, args.inner, args.batch_reps) < 0 or min(args.repeat, args.threads) < 1:
             raise BenchError("--val-tokens, --inner and --batch-reps must be >= 0, --repeat and --threads >= 1")

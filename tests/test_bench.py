@@ -1,0 +1,81 @@
+"""tools/bench.py: both subcommands run end to end on a tiny config (numbers are not checked here, only that the
+benchmark runs the real code and reports what it measured), the FLOP count, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_run import REPO_ROOT, make_tiny_data, tiny_env
+
+BENCH = REPO_ROOT / "tools" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def tiny(tg, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data, tok = make_tiny_data(root, tg)
+    return data, tok, root
+
+
+def bench(args, env, timeout=300):
+    full = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    full.update(env, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=full,
+                          cwd=REPO_ROOT, timeout=timeout)
+
+
+def test_bench_train_eager(tiny, tmp_path):
+    data, tok, root = tiny
+    out = tmp_path / "train.json"
+    p = bench(["train", "--steps", "2", "--warmup", "1", "--modes", "eager", "--threads", "1", "--json", str(out)],
+              tiny_env(data, tok, root / "out"))
+    assert p.returncode == 0, p.stderr
+    assert "| eager | 2 |" in p.stdout and "MFU vs fp32 peak" in p.stdout
+    res = json.loads(out.read_text())
+    row = res["rows"][0]
+    assert row["steps"] == 2 and row["tokens"] == 2 * 8 * 32 and row["train_seconds"] > 0
+    assert res["peak_fp32"] > 0 and res["peak_bf16"] > 0 and row["peak_mb"] > 0
+
+
+def test_model_flops_per_token(tg):
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import bench as b
+    cfg = tg.Config.from_env({"PRESET": "cpu"})
+    model = tg.GPT(cfg)
+    L, D, V, T = cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.train_seq_len
+    kv = D // cfg.num_heads * cfg.num_kv_heads
+    hidden = int(cfg.mlp_mult * D)
+    per_layer = 2 * D * D + 2 * kv * D + 2 * hidden * D  # q, o, k, v, up, down
+    mm = L * per_layer + V * D + D * cfg.bigram_dim + kv * cfg.ve_dim  # + tied head, bigram/VE projections
+    assert b.model_flops_per_token(model, cfg) == 6 * mm + 6 * L * T * D
+
+
+@pytest.mark.parametrize("args,msg", [(["train", "--steps", "0"], "--steps"),
+                                      (["train", "--modes", "jit"], "--modes"),
+                                      (["eval", "--repeat", "0"], "--repeat"),
+                                      (["eval", "--artifact", "/nonexistent.ptz"], "/nonexistent.ptz")])
+def test_bench_bad_input(tiny, args, msg):
+    data, tok, root = tiny
+    p = bench(args, tiny_env(data, tok, root / "out"), timeout=60)
+    assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_bench_train_without_data_is_one_line(tiny, tmp_path):
+    data, tok, root = tiny
+    p = bench(["train", "--steps", "1", "--modes", "eager"], tiny_env(tmp_path, tok, root / "out"), timeout=120)
+    assert p.returncode == 2 and "has no train shards" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_bench_eval_tiny(tiny, tmp_path):
+    data, tok, root = tiny
+    out = tmp_path / "eval.json"
+    p = bench(["eval", "--val-tokens", "256", "--inner", "1", "--batch-reps", "1", "--threads", "1",
+               "--contexts", "0", "--json", str(out)], tiny_env(data, tok, root / "out", EVAL_BATCH_SEQS="4"))
+    assert p.returncode == 0, p.stderr
+    for row in ("sliding/off", "sliding/batch", "sliding/causal", "ttt/off", "ttt/batch", "ttt/causal"):
+        assert f"| {row} |" in p.stdout
+    assert sum(line.startswith("floor ") for line in p.stdout.splitlines()) == 4
+    res = json.loads(out.read_text())
+    assert all(r["plain_identical_to_off"] for r in res)  # SLOT never changes the plain score of its pass
