@@ -55,6 +55,7 @@ def test_model_flops_per_token(tg):
 @pytest.mark.parametrize("args,msg", [(["train", "--steps", "0"], "--steps"),
                                       (["train", "--modes", "jit"], "--modes"),
                                       (["eval", "--repeat", "0"], "--repeat"),
+                                      (["eval", "--ctw", "1.5"], "CTW weight"),
                                       (["eval", "--artifact", "/nonexistent.ptz"], "/nonexistent.ptz")])
 def test_bench_bad_input(tiny, args, msg):
     data, tok, root = tiny
@@ -72,10 +73,14 @@ def test_bench_eval_tiny(tiny, tmp_path):
     data, tok, root = tiny
     out = tmp_path / "eval.json"
     p = bench(["eval", "--val-tokens", "256", "--inner", "1", "--batch-reps", "1", "--threads", "1",
-               "--contexts", "0", "--json", str(out)], tiny_env(data, tok, root / "out", EVAL_BATCH_SEQS="4"))
+               "--contexts", "0", "--ctw", "0.2", "--json", str(out)], tiny_env(data, tok, root / "out", EVAL_BATCH_SEQS="4"))
     assert p.returncode == 0, p.stderr
-    for row in ("sliding/off", "sliding/batch", "sliding/causal", "ttt/off", "ttt/batch", "ttt/causal"):
+    for row in ("sliding/off", "sliding/batch", "sliding/causal", "sliding/ctw w=0.2", "ttt/off", "ttt/batch",
+                "ttt/causal"):
         assert f"| {row} |" in p.stdout
-    assert sum(line.startswith("floor ") for line in p.stdout.splitlines()) == 4
+    floors = [line for line in p.stdout.splitlines() if line.startswith("floor ")]
+    assert len(floors) == 5 and "floor sliding/ctw w=0.2: time" in p.stdout and "floor 25%" in p.stdout
     res = json.loads(out.read_text())
-    assert all(r["plain_identical_to_off"] for r in res)  # SLOT never changes the plain score of its pass
+    assert all(r["plain_identical_to_off"] for r in res)  # SLOT and CTW never change the plain score of their pass
+    ctw = next(r for r in res if r["spec"]["name"] == "sliding/ctw w=0.2")
+    assert "ctw" in ctw["best"]["results"] and ctw["best"]["pairs"]

@@ -272,6 +272,59 @@ def test_make_record_cpu_demo(tools, tmp_path, capsys):
     assert mr.main(record_args(runs, tmp_path, "--overwrite")) == 0
 
 
+def fake_eval(tg, out: Path, run_id: str, of: str, env: dict, source=SOURCE) -> Path:
+    """An EVAL_ONLY run (as train_gpt.py writes it) of the artifact logs/<of>.ptz."""
+    js = fake_run(tg, out, run_id, 1337, env={**env, "EVAL_ONLY": "1", "LOAD_ARTIFACT": f"logs/{of}.ptz"},
+                  source=source)
+    s = json.loads(js.read_text())
+    s.update(mode="eval_only", artifact=f"logs/{of}.ptz", steps=0, train_seconds=0.0)
+    js.write_text(json.dumps(s, indent=1))
+    return js
+
+
+def test_make_record_with_evals(tools, tmp_path, capsys):
+    tg, mr = tools["_common"].tg, tools["make_record"]
+    logs = tmp_path / "logs"
+    env = {"SLOT_MODE": "causal", "SLOT_LR": "0.005"}
+    runs = [fake_run(tg, logs, f"c_s{s}", s, env=env) for s in SEEDS]
+    evals = [fake_eval(tg, logs, f"e_s{s}", f"c_s{s}", {"SLOT_MODE": "batch"}) for s in SEEDS]
+    evals += [fake_eval(tg, logs, f"off_s{s}", f"c_s{s}", {**env, "SLOT_ENABLED": "0"}) for s in SEEDS[:2]]
+    assert mr.main(record_args(runs, tmp_path, "--evals", *map(str, evals))) == 0, capsys.readouterr().err
+    folder = tmp_path / "records" / "cpu_demo" / "2026-01-02_CPU_Demo"
+    names = {p.name for p in folder.iterdir()}
+    assert {f"eval1_seed{s}.json" for s in SEEDS} | {f"eval2_seed{s}.log" for s in SEEDS[:2]} <= names
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["score_stage"] == "ttt_slot" and sub["val_bpb"] == pytest.approx(
+        np.mean([json.loads(r.read_text())["stages"]["ttt_slot"]["val_bpb"] for r in runs]))  # evals never score
+    ex = sub["extra_evaluations"]
+    assert [e["settings"] for e in ex] == [{"SLOT_LR": "0.001", "SLOT_MODE": "batch"}, {"SLOT_ENABLED": "0"}]
+    assert ex[0]["stages"]["ttt_slot"]["compliance"] == "non-causal" and sorted(ex[0]["seeds"]) == sorted(map(str, SEEDS))
+    assert ex[0]["stages"]["ttt_slot"]["val_bpb"] == pytest.approx(
+        np.mean([json.loads(e.read_text())["stages"]["ttt_slot"]["val_bpb"] for e in evals[:3]]))
+    readme = (folder / "README.md").read_text()
+    assert "## Other evaluation 1 of the same artifacts: `SLOT_LR=0.001 SLOT_MODE=batch`" in readme
+    assert "EVAL_ONLY=1 LOAD_ARTIFACT=logs/c_s42.ptz SLOT_LR=0.001 SLOT_MODE=batch python train_gpt.py" in readme
+
+
+@pytest.mark.parametrize("case,reason", [("other_artifact", "not an artifact of the runs"),
+                                         ("training_run", "not a finished EVAL_ONLY run"),
+                                         ("other_source", "evaluated by another train_gpt.py"),
+                                         ("twice", "seed 42 is evaluated twice")])
+def test_make_record_eval_refusals(tools, tmp_path, capsys, case, reason):
+    tg, mr = tools["_common"].tg, tools["make_record"]
+    logs = tmp_path / "logs"
+    runs = [fake_run(tg, logs, f"c_s{s}", s, env={"SLOT_MODE": "causal"}) for s in SEEDS]
+    ev = {"SLOT_MODE": "batch"}
+    evals = {"other_artifact": lambda: [fake_eval(tg, logs, "e", "somebody_else", ev)],
+             "training_run": lambda: [fake_run(tg, logs, "t", 7, env=ev)],
+             "other_source": lambda: [fake_eval(tg, logs, "e", "c_s42", ev, source=SOURCE + "# edited\n")],
+             "twice": lambda: [fake_eval(tg, logs, "e1", "c_s42", ev), fake_eval(tg, logs, "e2", "c_s42", ev)]}[case]()
+    assert mr.main(record_args(runs, tmp_path, "--evals", *map(str, evals))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("refused: ") and err.count("\n") == 1 and reason in err, err
+    assert not (tmp_path / "records").exists() or not any((tmp_path / "records").rglob("*.json"))
+
+
 def test_make_record_competition_command(tools):
     mr, tg = tools["make_record"], tools["_common"].tg
     cfg = tg.Config.from_env({"PRESET": "competition", "SLOT_MODE": "causal", "SLOT_LR": "0.005", "SEED": "42"})

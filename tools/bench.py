@@ -20,7 +20,11 @@ fresh process per mode, eager and torch.compile'd, and prints s/step, tokens/s, 
 weights + causal attention), achieved GFLOP/s, MFU against this machine's measured fp32 and bf16 matmul peaks, and
 peak RSS. A compile failure is a row of the table, not a crash.
 
-Floors (the SLOT issue): SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes.
+--ctw W[,W...] (default 0.1) adds rows with CTW_WEIGHT=W on the sliding pass (SLOT off), paired the same way with
+the pass without CTW.
+
+Floors: SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes (the SLOT issue); CTW adds
+at most 25% time to the sliding pass (the CTW issue) and at most 10% peak memory.
 Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
 """
 from __future__ import annotations
@@ -37,11 +41,13 @@ import sys
 import time
 from pathlib import Path
 
+from _cli import Parser
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FLOOR_TIME, FLOOR_MEM = 0.10, 0.10
+FLOOR_TIME, FLOOR_MEM, FLOOR_CTW = 0.10, 0.10, 0.25
 
 
 class BenchError(Exception):
@@ -169,6 +175,8 @@ def eval_rows(args) -> list[dict]:
                 rows.append(dict(name=f"{p}/causal" + (f" ctx={k}" if k else ""), ttt=ttt, slot=True,
                                  slot_mode="causal", slot_steps=args.causal_steps, slot_lr=args.causal_lr,
                                  slot_context=k))
+        if not ttt:  # CTW costs the same on either pass; the sliding pass is the shorter one, the stricter ratio
+            rows += [dict(name=f"{p}/ctw w={w:g}", ttt=ttt, slot=False, ctw=w) for w in args.ctw]
     return rows
 
 
@@ -217,7 +225,7 @@ def eval_worker(args) -> int:
     spec = json.loads(args.worker)
     torch.set_num_threads(args.threads)
     cfg, model, val, source = setup(args)
-    over = dict(slot_enabled=spec["slot"], ttt_enabled=spec["ttt"])
+    over = dict(slot_enabled=spec["slot"], ttt_enabled=spec["ttt"], ctw_weight=spec.get("ctw", 0.0))
     if spec["slot"]:
         over.update(slot_mode=spec["slot_mode"], slot_steps=spec["slot_steps"], slot_lr=spec["slot_lr"],
                     slot_context=spec["slot_context"])
@@ -237,9 +245,9 @@ def eval_worker(args) -> int:
 
     res, secs, cpu = timed(cfg, spec["slot"])
     peak = max_rss_mb()  # the peak of this configuration alone (fresh process, first full pass)
-    pairs = []  # then SLOT off and this configuration alternately, in this same process
-    for _ in range(args.inner if spec["slot"] else 0):
-        _, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False), False)
+    pairs = []  # then SLOT and CTW off and this configuration alternately, in this same process
+    for _ in range(args.inner if spec["slot"] or spec.get("ctw") else 0):
+        _, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False, ctw_weight=0.0), False)
         _, on_s, on_c = timed(cfg, True)
         pairs.append(dict(off_seconds=off_s, off_cpu=off_c, seconds=on_s, cpu_seconds=on_c))
     n = val.tokens.numel() - 1
@@ -334,7 +342,7 @@ def bench_eval(args) -> int:
           f"{platform.machine()} x{os.cpu_count()}; repeat {args.repeat} (fastest kept); "
           f"loadavg {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t_all:.0f}s")
     hdr = ("| run | steps | seconds | tokens/s | pass vs off | cpu vs off | batch ms off/on | batch vs off "
-           "| est. pass vs off | peak MiB | peak vs off | SLOT tensors MiB | loss plain | loss slot |")
+           "| est. pass vs off | peak MiB | peak vs off | SLOT tensors MiB | loss plain | loss slot/ctw |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     floors, out = [], []
@@ -356,28 +364,39 @@ def bench_eval(args) -> int:
         est = (b_on - b_off) / 1e3 * bt[0]["n_batches"] / off_pass if bt else None
         dm = r["peak_mb"] / off["peak_mb"] - 1
         res = r["results"]
-        slot_loss = f"{res['slot']['loss']:.4f}" if "slot" in res else "-"
+        var = "ctw" if s.get("ctw") else "slot"
+        slot_loss = f"{res[var]['loss']:.4f}" if var in res else "-"
         same_plain = res["plain"]["nll"] == off["results"]["plain"]["nll"]
 
         def rel(x):
-            return f"{100 * x:+.1f}%" if s["slot"] and x is not None else "-"
+            return f"{100 * x:+.1f}%" if (s["slot"] or s.get("ctw")) and x is not None else "-"
         print(f"| {s['name']} | {s.get('slot_steps', '-')} | {r['seconds']:.2f} | {r['targets'] / r['seconds']:.0f} | "
               f"{rel(dt)} | {rel(dc)} | {f'{b_off:.0f}/{b_on:.0f}' if bt else '-'} | "
               f"{rel(b_on / b_off - 1) if bt else '-'} | {rel(est)} | {r['peak_mb']:.0f} | {rel(dm)} | "
               f"{slot_extra_mb(r, s):.1f} | {res['plain']['loss']:.4f}{'' if same_plain else ' (!= off)'} | "
               f"{slot_loss} |")
-        if s["slot"]:
-            floors.append((s["name"], dt, dc, est, dm))
+        if s["slot"] or s.get("ctw"):
+            floors.append((s["name"], dt, dc, est, dm, FLOOR_CTW if s.get("ctw") else FLOOR_TIME))
         out.append(dict(spec=s, best=r, runs=procs, time_overhead=dt, cpu_overhead=dc, est_overhead=est,
                         peak_overhead=dm, plain_identical_to_off=same_plain))
-    for name, dt, dc, est, dm in floors:
-        ok = dt <= FLOOR_TIME and dm <= FLOOR_MEM
+    for name, dt, dc, est, dm, floor_t in floors:
+        ok = dt <= floor_t and dm <= FLOOR_MEM
         e = f", from the batch timing {100 * est:+.1f}%" if est is not None else ""
-        print(f"floor {name}: time {100 * dt:+.1f}% (cpu {100 * dc:+.1f}%{e}; floor {100 * FLOOR_TIME:.0f}%), "
+        print(f"floor {name}: time {100 * dt:+.1f}% (cpu {100 * dc:+.1f}%{e}; floor {100 * floor_t:.0f}%), "
               f"peak memory {100 * dm:+.1f}% (floor {100 * FLOOR_MEM:.0f}%): {'PASS' if ok else 'MISS'}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
+
+
+def parse_weights(s: str) -> list[float]:
+    try:
+        w = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated numbers in (0, 1), e.g. 0.05,0.1") from None
+    if any(not 0 < x < 1 for x in w):
+        raise argparse.ArgumentTypeError(f"{s!r}: every CTW weight must be in (0, 1)")
+    return w
 
 
 def parse_contexts(s: str) -> list[int]:
@@ -391,7 +410,7 @@ def parse_contexts(s: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
+    ap = Parser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="training throughput (optimizer steps) eager and compiled: tokens/s, MFU, memory")
@@ -418,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-lr", type=float, default=0.001, help="the seed's SLOT_LR")
     ev.add_argument("--causal-steps", type=int, default=8)
     ev.add_argument("--causal-lr", type=float, default=0.005)
+    ev.add_argument("--ctw", type=parse_weights, default=[0.1],
+                    help="CTW_WEIGHT values timed on the sliding pass, SLOT off ('' for none; default 0.1)")
     ev.add_argument("--json", default="", help="also write every run's numbers here")
     ev.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one configuration, JSON spec
     return ap

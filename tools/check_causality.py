@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from _cli import Parser
 from _common import ToolError, random_tiny_model, tg, tiny_config
 
 MODES = {
@@ -126,7 +127,7 @@ def build_model(args, cfg):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    ap = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--artifact", help="a saved .ptz artifact (logs/<RUN_ID>.ptz)")

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _cli import Parser
 from _common import ToolError, tg
 
 
@@ -134,7 +135,7 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    ap = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", required=True, help="a saved .ptz artifact (logs/<RUN_ID>.ptz)")
     ap.add_argument("--prompt", required=True, help="the prompt text")

@@ -2,15 +2,17 @@
 
 Writes README.md (method, per-seed table, every stage, the exact run command, timing, compliance labels),
 submission.json, a frozen copy of train_gpt.py (the exact source that made the runs, as embedded in their logs)
-and each run's log and summary as train_seed<S>.log / train_seed<S>.json. Everything is written to a temporary
-folder that is renamed into place, so a refused or interrupted call leaves nothing behind.
+and each run's log and summary as train_seed<S>.log / train_seed<S>.json. --evals adds EVAL_ONLY runs of the
+same artifacts with other eval settings (e.g. the non-causal SLOT_MODE=batch next to a causal score), grouped by
+their settings, as eval<K>_seed<S>.log / .json and one table per group; they are never the score. Everything is
+written to a temporary folder that is renamed into place, so a refused or interrupted call leaves nothing behind.
 
 It refuses, with a one-line reason and exit status 1: an artifact over 16,000,000 bytes (code + model) on any
 seed; an incomplete run (missing summary, log, score stage or summary field); runs with different configs
 (other than the seed) or a repeated seed; a run command that sets a variable the frozen train_gpt.py does not
 read (checked by importing the frozen copy from the new folder) or that does not rebuild the recorded config; a
-frozen script that is not the code that made the runs; and on track_10min_16mb a score stage labelled non-causal
-or runs that were not on CUDA.
+frozen script that is not the code that made the runs; --evals runs of other artifacts or made by other code;
+and on track_10min_16mb a score stage labelled non-causal or runs that were not on CUDA.
 
     python tools/make_record.py --runs logs/cpu_s1337.json logs/cpu_s42.json logs/cpu_s2025.json \\
         --name CPU_Demo_CausalSLOT --author "Jane Doe" --github-id janedoe --track cpu_demo \\
@@ -32,6 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from _cli import Parser
 from _common import ROOT, ToolError, expand_paths, load_summary
 
 LIMIT_BYTES = 16_000_000
@@ -126,6 +129,51 @@ def load_runs(paths, stage: str | None, track: str) -> tuple[list[dict], str]:
                                                                     runs[0]["summary"]["world_size"]):
             raise Refused(f"seed {r['seed']} ran on different hardware than seed {runs[0]['seed']}")
     return runs, stage
+
+
+EVAL_KEYS_IGNORED = ("seed", "run_id", "eval_only", "load_artifact")
+
+
+def load_evals(paths, runs: list[dict], source: str) -> list[dict]:
+    """EVAL_ONLY runs of the record's own artifacts with other eval settings (e.g. SLOT_MODE=batch next to a
+    causal-SLOT score), each matched to its training run by artifact file name and grouped by the settings that
+    differ from the training run. They are reported, never scored."""
+    by_art = {Path(r["summary"]["artifact"]).name: r for r in runs}
+    groups: dict[tuple, dict] = {}
+    for p in paths:
+        js, log = summary_and_log(p)
+        try:
+            s = load_summary(js)
+        except ToolError as e:
+            raise Refused(f"incomplete: {e}") from None
+        if s.get("mode") != "eval_only" or not s.get("stages"):
+            raise Refused(f"{js} is not a finished EVAL_ONLY run (--evals takes EVAL_ONLY=1 LOAD_ARTIFACT=... runs "
+                          "of the record's artifacts)")
+        art = Path(str(s.get("artifact") or "")).name
+        r = by_art.get(art)
+        if r is None:
+            raise Refused(f"{js} evaluated {art or 'no artifact'}, not an artifact of the runs "
+                          f"({', '.join(sorted(by_art))})")
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if embedded_source(text) != source:
+            raise Refused(f"{log} was evaluated by another train_gpt.py than the one that made the runs")
+        train_cfg = r["summary"]["config"]
+        diff = {k: v for k, v in sorted(s["config"].items())
+                if k not in EVAL_KEYS_IGNORED and train_cfg.get(k) != v}
+        key = tuple((k, json.dumps(v)) for k, v in diff.items())
+        g = groups.setdefault(key, {"env": {k.upper(): _fmt(v) for k, v in diff.items()}, "runs": []})
+        if any(e["seed"] == r["seed"] for e in g["runs"]):
+            raise Refused(f"{js}: seed {r['seed']} is evaluated twice with the same settings")
+        g["runs"].append({"json": js, "log": log, "summary": s, "seed": r["seed"], "artifact": art})
+    return list(groups.values())
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
 
 
 def frozen_source(runs: list[dict], script: str | None) -> tuple[str, str]:
@@ -289,7 +337,15 @@ def method_lines(c: dict, s: dict) -> list[str]:
     return out
 
 
-def build(runs, stage, args, source, provenance, mod_env, commands) -> tuple[str, dict]:
+def eval_name(g: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in g["env"].items()) or "same settings"
+
+
+def eval_file(seed, i: int) -> str:
+    return f"eval{i + 1}_seed{seed}"
+
+
+def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) -> tuple[str, dict]:
     s0, c0 = runs[0]["summary"], runs[0]["summary"]["config"]
     bpb = [r["summary"]["stages"][stage]["val_bpb"] for r in runs]
     loss = [r["summary"]["stages"][stage]["val_loss"] for r in runs]
@@ -326,6 +382,19 @@ def build(runs, stage, args, source, provenance, mod_env, commands) -> tuple[str
                        "leaderboard_claim": args.track == "track_10min_16mb"},
         "hardware": hw, **ver, "run_command": commands, "train_gpt_sha256": hashlib.sha256(source.encode()).hexdigest(),
     }
+    if evals:
+        sub["extra_evaluations"] = [{
+            "settings": g["env"],
+            "stages": {k: {"val_bpb": mean_std([e["summary"]["stages"][k]["val_bpb"] for e in g["runs"]])[0],
+                           "val_loss": mean_std([e["summary"]["stages"][k]["val_loss"] for e in g["runs"]])[0],
+                           "compliance": v.get("compliance")}
+                       for k, v in g["runs"][0]["summary"]["stages"].items()
+                       if all(k in e["summary"]["stages"] for e in g["runs"])},
+            "seeds": {str(e["seed"]): {"files": eval_file(e["seed"], i), "eval_seconds": e["summary"]["eval_seconds"],
+                                       "stages": {k: {"val_bpb": v["val_bpb"], "val_loss": v["val_loss"],
+                                                      "compliance": v.get("compliance")}
+                                                  for k, v in e["summary"]["stages"].items()}}
+                      for e in g["runs"]}} for i, g in enumerate(evals)]
     L = [f"# {args.name.replace('_', ' ')}", "", f"**{label}.**", ""]
     if args.blurb:
         L += [args.blurb, ""]
@@ -349,6 +418,18 @@ def build(runs, stage, args, source, provenance, mod_env, commands) -> tuple[str
         secs, _ = mean_std([r["summary"]["stages"][k].get("seconds", 0.0) for r in runs if k in r["summary"]["stages"]])
         mark = " (score)" if k == stage else ""
         L.append(f"| `{k}`{mark} | {b:.6f} | {bs:.6f} | {lo:.6f} | {secs:.1f} | {v.get('compliance', '?')} |")
+    for i, g in enumerate(evals):
+        ex = sub["extra_evaluations"][i]
+        L += ["", f"## Other evaluation {i + 1} of the same artifacts: `{eval_name(g)}`", "",
+              f"EVAL_ONLY runs of the artifacts above ({len(g['runs'])} seed(s): "
+              f"{', '.join(str(e['seed']) for e in g['runs'])}), reported for comparison, not the score.", "",
+              "| stage | val_bpb | val_loss | compliance |", "|---|---:|---:|---|"]
+        L += [f"| `{k}` | {v['val_bpb']:.6f} | {v['val_loss']:.6f} | {v['compliance']} |"
+              for k, v in ex["stages"].items()]
+        launch = launcher(s0["device"], s0["world_size"])
+        L += ["", "```bash"] + [" ".join(["EVAL_ONLY=1", f"LOAD_ARTIFACT=logs/{e['artifact']}"]
+                                          + [f"{k}={shlex.quote(v)}" for k, v in g["env"].items()] + [launch])
+                                 for e in g["runs"]] + ["```"]
     L += ["", "## Method", ""] + method_lines(c0, s0) + ["", "## Run command", "",
           "From the repository root, with this folder's `train_gpt.py` in place of the root one (it is the exact "
           "source the logs embed; the data paths are relative to the root):", "", "```bash"]
@@ -383,6 +464,8 @@ def build(runs, stage, args, source, provenance, mod_env, commands) -> tuple[str
           "- `train_gpt.py`: the frozen source (from " + provenance.replace(str(ROOT) + "/", "") + ")",
           "- `submission.json`: the summary above, machine-readable"]
     L += [f"- `train_seed{seed}.log`, `train_seed{seed}.json`: the run's log and summary" for seed in seeds]
+    L += [f"- `{eval_file(e['seed'], i)}.log`, `{eval_file(e['seed'], i)}.json`: other evaluation {i + 1}, seed "
+          f"{e['seed']}" for i, g in enumerate(evals) for e in g["runs"]]
     return "\n".join(L) + "\n", sub
 
 
@@ -399,6 +482,10 @@ def make_record(args) -> Path:
         raise Refused(str(e)) from None
     runs, stage = load_runs(paths, args.stage, args.track)
     source, provenance = frozen_source(runs, args.script)
+    try:
+        evals = load_evals(expand_paths(args.evals), runs, source) if args.evals else []
+    except ToolError as e:
+        raise Refused(str(e)) from None
     s0 = runs[0]["summary"]
     parent = Path(args.records_dir) / args.track
     final = parent / f"{args.date}_{args.name}"
@@ -416,10 +503,14 @@ def make_record(args) -> Path:
         for r in runs:
             check_command(mod, env, r["seed"], r["summary"]["config"], s0["device"])
             commands[str(r["seed"])] = render_command(env, r["seed"], s0["device"], s0["world_size"])
-        readme, sub = build(runs, stage, args, source, provenance, env, commands)
+        readme, sub = build(runs, stage, args, source, provenance, env, commands, evals)
         for r in runs:
             shutil.copyfile(r["log"], tmp / f"train_seed{r['seed']}.log")
             shutil.copyfile(r["json"], tmp / f"train_seed{r['seed']}.json")
+        for i, g in enumerate(evals):
+            for e in g["runs"]:
+                shutil.copyfile(e["log"], tmp / f"{eval_file(e['seed'], i)}.log")
+                shutil.copyfile(e["json"], tmp / f"{eval_file(e['seed'], i)}.json")
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
@@ -438,9 +529,11 @@ def make_record(args) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    ap = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="the runs' summaries logs/<RUN_ID>.json (one per seed)")
+    ap.add_argument("--evals", nargs="+", default=[],
+                    help="EVAL_ONLY runs of these runs' artifacts with other eval settings (reported, not scored)")
     ap.add_argument("--name", required=True, help="short name for the folder, e.g. CausalSLOT_LegalTTT")
     ap.add_argument("--author", required=True)
     ap.add_argument("--github-id", required=True)

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from _cli import Parser
+
 STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+(?:\.\d+)?)ms")
 VAL_RE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) val_bpb:(\S+) train_time:(\d+(?:\.\d+)?)ms")
 STAGE_RE = re.compile(r"^stage:(\S+) val_loss:(\S+) val_bpb:(\S+) eval_time:(\d+)ms compliance:(\S+)")
@@ -154,7 +156,7 @@ def plot(runs: list[dict], out: Path, title: str | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    ap = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run logs (.txt) and/or summaries (.json)")
     ap.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 
+from _cli import Parser
 from _common import ToolError, expand_paths, load_summary, run_seed, stage_value
 
 THRESHOLD_NATS = 0.005
@@ -169,7 +170,7 @@ def fmt_p(p: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    ap = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", nargs="+", metavar="JSON", help="baseline runs (one per seed)")
     ap.add_argument("--b", nargs="+", metavar="JSON", help="new runs (one per seed)")
