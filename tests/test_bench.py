@@ -84,3 +84,39 @@ def test_bench_eval_tiny(tiny, tmp_path):
     assert all(r["plain_identical_to_off"] for r in res)  # SLOT and CTW never change the plain score of their pass
     ctw = next(r for r in res if r["spec"]["name"] == "sliding/ctw w=0.2")
     assert "ctw" in ctw["best"]["results"] and ctw["best"]["pairs"]
+
+
+def test_bench_size_matches_a_real_export(tg, tiny, tmp_path):
+    """`bench size` reports what export_model writes for the configured model: the parameter count, the chosen
+    compressor's bytes, code + model = total, and the fits flag; the gaussian init compresses worse than the
+    trainer's init (whose zero output projections compress to almost nothing)."""
+    import torch
+    data, tok, root = tiny
+    env = tiny_env(data, tok, root / "out")
+    res = {}
+    for init in ("trainer", "gaussian"):
+        out = tmp_path / f"size_{init}.json"
+        p = bench(["size", "--init", init, "--json", str(out)], env, timeout=120)
+        assert p.returncode == 0, p.stderr
+        res[init] = json.loads(out.read_text())
+        assert f"model_params:{res[init]['model_params']}" in p.stdout
+    cfg = tg.Config.from_env(env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the bench process (OMP_NUM_THREADS=1): the init's low bits depend on threads
+    try:
+        torch.manual_seed(0)
+        blob, method, cands = tg.export_model(tg.GPT(cfg), cfg)
+    finally:
+        torch.set_num_threads(threads)
+    t = res["trainer"]
+    assert t["model_params"] == tg.count_params(tg.GPT(cfg))
+    assert (t["bytes_model"], t["compressor"], t["compressors"]) == (len(blob), method, cands)
+    assert t["bytes_code"] == len(tg.Path(tg.__file__).read_bytes())
+    assert t["bytes_total"] == t["bytes_code"] + t["bytes_model"] and t["fits"] is True
+    assert res["gaussian"]["bytes_model"] > t["bytes_model"]
+
+
+def test_bench_size_bad_config_is_one_line(tiny):
+    data, tok, root = tiny
+    p = bench(["size"], tiny_env(data, tok, root / "out", MODEL_DIM="63"), timeout=60)
+    assert p.returncode == 2 and "MODEL_DIM" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -287,6 +287,7 @@ def test_fast_failure_is_one_line(cid, fast_results):
     _, rc, frags = CASES[cid]
     line = one_error_line(r, rc, *(f.format(d=d) for f in frags))
     assert line.startswith("error: "), line
+    print(f"{cid}: {line}")  # `pytest -rP -k fast_failure` lists every row's message
     assert r.seconds < 60, f"{cid} took {r.seconds:.0f}s to fail"
 
 

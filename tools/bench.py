@@ -3,6 +3,7 @@
     python tools/bench.py eval                                   # random-init model, offline val set (or synthetic)
     python tools/bench.py eval --artifact logs/run.ptz --val-tokens 0 --repeat 3
     python tools/bench.py train                                  # training steps/s, eager vs compiled, MFU
+    PRESET=competition python tools/bench.py size                # artifact bytes of a config before training
 
 eval: times the sliding pass and the score-first TTT pass of `train_gpt.eval_pass` with SLOT off, with
 SLOT_MODE=batch (the seed: 3 steps) and with SLOT_MODE=causal (8 steps; once per --contexts value, 0 = every context
@@ -22,6 +23,13 @@ peak RSS. A compile failure is a row of the table, not a crash.
 
 --ctw W[,W...] (default 0.1) adds rows with CTW_WEIGHT=W on the sliding pass (SLOT off), paired the same way with
 the pass without CTW.
+
+size: builds the configured model (env vars as train_gpt.py reads them; PRESET=competition for the record config),
+exports it exactly as a run does (int6/int8/fp16 quantization, every compressor) and prints the parameter count,
+each compressor's bytes, the code bytes and whether code + model fits in 16,000,000 bytes. --init trainer (the
+trainer's initialisation: output projections start at zero and compress to almost nothing, so this is a lower
+bound) or gaussian (every weight i.i.d. normal, scaled per tensor like the init: close to the entropy of trained
+weights, the realistic estimate).
 
 Floors: SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes (the SLOT issue); CTW adds
 at most 25% time to the sliding pass (the CTW issue) and at most 10% peak memory.
@@ -389,6 +397,44 @@ def bench_eval(args) -> int:
     return 0
 
 
+# ---- size ----
+def bench_size(args) -> int:
+    import torch
+    import train_gpt as tg
+    env = dict(os.environ)
+    env.setdefault("PRESET", "cpu")
+    try:
+        cfg = tg.Config.from_env(env, cuda=env["PRESET"] == "competition")
+    except tg.UserError as e:
+        raise BenchError(str(e)) from None
+    torch.manual_seed(args.seed)
+    model = tg.GPT(cfg)
+    if args.init == "gaussian":
+        with torch.no_grad():
+            for prm in model.parameters():
+                if prm.dim() >= 2:  # matrices: i.i.d. normal at the init's scale (1/sqrt(fan_in) where it was 0)
+                    std = float(prm.std()) or prm.shape[-1] ** -0.5
+                    prm.normal_(0.0, std)
+    t0 = time.perf_counter()
+    blob, method, cands = tg.export_model(model, cfg)
+    secs = time.perf_counter() - t0
+    code = len((ROOT / "train_gpt.py").read_bytes())
+    total = code + len(blob)
+    print(f"# bench size: PRESET={cfg.preset} init={args.init} seed={args.seed}; "
+          f"{cfg.num_layers} layers x {cfg.model_dim}, vocab {cfg.vocab_size}; export {secs:.1f}s")
+    print(f"model_params:{tg.count_params(model)}")
+    for k, v in sorted(cands.items(), key=lambda kv: kv[1]):
+        print(f"compressor {k}: {v} bytes{' (chosen)' if k == method else ''}")
+    print(f"bytes_code:{code} bytes_model:{len(blob)} bytes_total:{total} limit:16000000 "
+          f"headroom:{16_000_000 - total} fits:{int(total <= 16_000_000)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(preset=cfg.preset, init=args.init, seed=args.seed,
+                                                   model_params=tg.count_params(model), compressors=cands,
+                                                   compressor=method, bytes_code=code, bytes_model=len(blob),
+                                                   bytes_total=total, fits=total <= 16_000_000), indent=1) + "\n")
+    return 0
+
+
 def parse_weights(s: str) -> list[float]:
     try:
         w = [float(x) for x in s.split(",") if x.strip()]
@@ -441,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CTW_WEIGHT values timed on the sliding pass, SLOT off ('' for none; default 0.1)")
     ev.add_argument("--json", default="", help="also write every run's numbers here")
     ev.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one configuration, JSON spec
+    sz = sub.add_parser("size", help="artifact bytes of the configured model at initialisation (fits in 16 MB?)")
+    sz.add_argument("--init", choices=("trainer", "gaussian"), default="gaussian",
+                    help="gaussian (default): i.i.d. weights, close to trained entropy; trainer: the real init")
+    sz.add_argument("--seed", type=int, default=0)
+    sz.add_argument("--json", default="", help="also write the numbers here")
     return ap
 
 
@@ -454,6 +505,8 @@ def main(argv=None) -> int:
             if not args.modes or any(m not in ("eager", "compiled") for m in args.modes):
                 raise BenchError(f"--modes {','.join(args.modes)}: use eager and/or compiled")
             return bench_train(args)
+        if args.cmd == "size":
+            return bench_size(args)
         if min(args.val_tokens, args.inner, args.batch_reps) < 0 or min(args.repeat, args.threads) < 1:
             raise BenchError("--val-tokens, --inner and --batch-reps must be >= 0, --repeat and --threads >= 1")
         args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
