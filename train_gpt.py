@@ -157,6 +157,7 @@ class Config:
     ctw_depth: int = 4  # CTW_DEPTH: context-tree depth (previous tokens)
     ctw_alpha: float = 0.0  # CTW_ALPHA: estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
     control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
+    artifact_target_bytes: int = 16_000_000  # ARTIFACT_TARGET_BYTES: code + model over this: coarser int6 step until it fits (0: never)
 
     # -- derived --
     @property
@@ -195,7 +196,7 @@ class Config:
             need(getattr(self, name.lower()) > 0, name, "must be a positive integer")
         for name in ("ITERATIONS", "WARMDOWN_ITERS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
                      "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "SLOT_STEPS", "SLOT_CONTEXT", "XSA_LAST_N", "ROPE_DIMS",
-                     "BIGRAM_VOCAB_SIZE", "VAL_MAX_TOKENS", "MUON_MOMENTUM_WARMUP_STEPS"):
+                     "BIGRAM_VOCAB_SIZE", "VAL_MAX_TOKENS", "MUON_MOMENTUM_WARMUP_STEPS", "ARTIFACT_TARGET_BYTES"):
             need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
         for name in ("EMBED_LR", "HEAD_LR", "TIED_EMBED_LR", "MATRIX_LR", "SCALAR_LR", "TTT_LR", "SLOT_LR",
                      "MUON_WD", "ADAM_WD", "SLOT_WD", "GRAD_CLIP_NORM", "TTT_GRAD_CLIP", "TIED_EMBED_INIT_STD",
@@ -1213,6 +1214,22 @@ def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linea
     return best_q.to(torch.int8), best_s
 
 
+def coarsen_rows(w: Tensor, s: Tensor, step: float) -> tuple[Tensor, Tensor]:
+    """int6 codes of w on a grid `step` times coarser than its per-row scales s (fp16, as stored)."""
+    s = (s.float() * step).half().clamp_min(2.0 ** -24)
+    return (w.float() / s.float()[:, None]).round().clamp(-31, 31).to(torch.int8), s
+
+
+def int6_bits(mats: dict, step: float) -> float:
+    """Order-0 entropy, in bits, of the int6 codes of every (weight, scale) pair in mats at a given step."""
+    bits = 0.0
+    for w, s in mats.values():
+        c = torch.bincount(coarsen_rows(w, s, step)[0].view(-1).long() + 31, minlength=63).double()
+        p = c[c > 0] / w.numel()
+        bits -= w.numel() * float((p * p.log2()).sum())
+    return bits
+
+
 def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
     """int6 (attn/mlp matrices), int8 (embeddings), fp16 passthrough (<= 65,536 elements). Returns (arrays, meta)."""
     keep32 = tuple(p for p in cfg.control_tensor_name_patterns.split(",") if p)
@@ -1255,14 +1272,16 @@ def _compressors() -> dict:
     return out
 
 
-def pack_artifact(arrays: dict, meta: dict, arch: dict) -> tuple[bytes, str, dict]:
-    """Serialize and compress with every available compressor; keep the smallest. Returns (blob, method, sizes)."""
+def pack_artifact(arrays: dict, meta: dict, arch: dict, only: str = "") -> tuple[bytes, str, dict]:
+    """Serialize and compress with every available compressor (or `only` that one); keep the smallest.
+    Returns (blob, method, sizes)."""
     header = json.dumps({"meta": meta, "arch": arch,
                          "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}).encode()
     payload = len(header).to_bytes(4, "little") + header + b"".join(np.ascontiguousarray(v).tobytes()
                                                                       for v in arrays.values())
     from concurrent.futures import ThreadPoolExecutor
     comps = _compressors()
+    comps = {only: comps[only]} if only else comps
     with ThreadPoolExecutor(len(comps)) as ex:
         results = dict(zip(comps, ex.map(lambda c: c[0](payload), comps.values())))
     method = min(results, key=lambda k: len(results[k]))
@@ -1324,9 +1343,36 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def export_model(model: GPT, cfg: Config) -> tuple[bytes, str, dict]:
-    arrays, meta = quantize_state(model.state_dict(), cfg)
-    return pack_artifact(arrays, meta, {k: getattr(cfg, k) for k in ARCH_FIELDS})
+def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, dict, float]:
+    """Quantize and compress. Over `budget` model bytes (0: no limit), every int6 matrix moves to a grid `step`
+    times coarser than its clip search chose, with one step for all: the step whose predicted size (the int6
+    codes' order-0 entropy, anchored on the last measured size) fits, then measured with the chosen compressor
+    only; up to 4 tries. Returns (blob, method, sizes of the step-1 candidates, step)."""
+    sd = model.state_dict()
+    arrays, meta = quantize_state(sd, cfg)
+    arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    blob, method, sizes = pack_artifact(arrays, meta, arch)
+    step, goal = 1.0, budget
+    mats = {k: (w.detach().cpu(), torch.from_numpy(arrays[k + ".scale"])) for k, w in unbank(sd, cfg.num_layers).items()
+            if meta[k]["kind"] == "int6"}
+    for _ in range(4 if mats and budget else 0):
+        if len(blob) <= budget:
+            break
+        need, base = 8 * (len(blob) - goal), int6_bits(mats, step)
+        lo, hi = step, 32.0
+        for _ in range(20):  # bisection on the predicted saving; every step >= hi saves at least `need` bits
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if base - int6_bits(mats, mid) >= need else (mid, hi)
+        step = hi
+        for k, (w, s) in mats.items():
+            q, s2 = coarsen_rows(w, s, step)
+            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s2.numpy()
+        over = len(blob)
+        blob = pack_artifact(arrays, meta, arch, only=method)[0]
+        goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
+        if len(blob) >= over:
+            break
+    return blob, method, sizes, step
 
 
 def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
@@ -1819,7 +1865,8 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
         summary["stages"]["post_ema"] = {"val_loss": vl, "val_bpb": vb, "seconds": time.perf_counter() - t,
                                          "compliance": "causal"}
         t = time.perf_counter()
-        blob, method, sizes = export_model(model.cpu(), cfg)
+        target = cfg.artifact_target_bytes
+        blob, method, sizes, step = export_model(model.cpu(), cfg, max(target - len(source), 0) if target else 0)
         if rt.is_main:
             atomic_write(artifact_path, blob)
         if rt.world_size > 1:
@@ -1827,7 +1874,10 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
         blob_len = len(blob)
         log(f"Serialized model int6+{method}: {blob_len} bytes (candidates {sizes}) "
             f"export_time:{1000 * (time.perf_counter() - t):.0f}ms artifact:{artifact_path}")
-        summary.update(mode="train", artifact=str(artifact_path), compressor=method)
+        if step != 1.0:
+            log(f"artifact_fit: int6 step x{step:.4f} to fit ARTIFACT_TARGET_BYTES={target} "
+                f"(step 1: {sizes[method]} bytes of {method})")
+        summary.update(mode="train", artifact=str(artifact_path), compressor=method, int6_step=step)
         model, _ = load_artifact(str(artifact_path), cfg)  # roundtrip: a fresh model from the written file
         model = model.to(rt.device)
     nbytes_code = len(source)

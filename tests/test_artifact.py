@@ -167,7 +167,7 @@ def test_export_load_export_is_exact(tg, tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "PASSTHROUGH_MAX", 1024)  # quantize the tiny model's matrices too
     cfg = tiny_cfg(tg)
     model = trained_like(tg, cfg)
-    blob, _, _ = tg.export_model(model, cfg)
+    blob, _, _, _ = tg.export_model(model, cfg)
     path = tmp_path / "a.ptz"
     tg.atomic_write(path, blob)
     assert path.read_bytes() == blob
@@ -237,7 +237,7 @@ def damaged_variants(blob: bytes) -> dict:
 
 def test_damaged_artifacts_raise_artifact_error_naming_the_file(tg, tmp_path):
     cfg = tiny_cfg(tg, num_layers=1, ve_layers=(0,), model_dim=32, vocab_size=64)
-    blob, _, _ = tg.export_model(trained_like(tg, cfg), cfg)
+    blob, _, _, _ = tg.export_model(trained_like(tg, cfg), cfg)
     tg.atomic_write(tmp_path / "ok.ptz", blob)
     tg.load_artifact(str(tmp_path / "ok.ptz"), cfg)  # the undamaged one loads
     for kind, bad in damaged_variants(blob).items():
@@ -282,3 +282,51 @@ def test_atomic_write_replaces_and_cleans_up(tg, tmp_path, monkeypatch):
         tg.atomic_write(path, b"three")
     assert path.read_bytes() == b"two"  # the old file is untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]  # and the temp file is gone
+
+
+# ---- fitting the artifact into ARTIFACT_TARGET_BYTES ----
+def test_export_over_budget_coarsens_int6_until_it_fits(tg, monkeypatch, tmp_path):
+    monkeypatch.setattr(tg, "PASSTHROUGH_MAX", 1024)  # quantize the tiny model's matrices too
+    cfg = tiny_cfg(tg)
+    model = trained_like(tg, cfg)
+    blob1, method, sizes, step1 = tg.export_model(model, cfg)
+    assert step1 == 1.0
+    assert tg.export_model(model, cfg, budget=len(blob1))[0] == blob1  # at the budget: untouched, byte for byte
+    budget = int(0.85 * len(blob1))
+    blob, m2, sizes2, step = tg.export_model(model, cfg, budget=budget)
+    assert len(blob) <= budget and step > 1.0 and (m2, sizes2) == (method, sizes)
+    a1, meta1, _ = tg.unpack_artifact(blob1)
+    a2, meta2, _ = tg.unpack_artifact(blob)
+    assert meta1 == meta2
+    for name, m in meta1.items():
+        if m["kind"] == "int6":  # one common factor on every int6 row scale (up to the fp16 rounding)
+            s1, s2 = a1[name + ".scale"].astype(np.float32), a2[name + ".scale"].astype(np.float32)
+            np.testing.assert_allclose(s2, np.float16(s1 * step).astype(np.float32), rtol=1e-3)
+            assert np.abs(a2[name + ".q"]).max() <= 31
+        else:  # int8 embeddings and passthrough tensors are never touched
+            for k in (name, name + ".q", name + ".scale"):
+                if k in a1:
+                    assert a1[k].tobytes() == a2[k].tobytes(), k
+    # the coarsest step that fits, within the bisection's precision: a clearly finer step would not fit
+    arrays, meta = tg.quantize_state(model.state_dict(), cfg)
+    mats = {k: (w, torch.from_numpy(arrays[k + ".scale"])) for k, w in tg.unbank(model.state_dict(), 2).items()
+            if meta[k]["kind"] == "int6"}
+    assert tg.int6_bits(mats, step) < tg.int6_bits(mats, 1.0) < tg.int6_bits(mats, 0.5)
+    finer = step / 1.15
+    for k, (w, s) in mats.items():
+        arrays[k + ".q"], arrays[k + ".scale"] = (t.numpy() for t in tg.coarsen_rows(w, s, finer))
+    assert len(tg.pack_artifact(arrays, meta, {k: getattr(cfg, k) for k in tg.ARCH_FIELDS}, only=method)[0]) > budget
+    tg.atomic_write(tmp_path / "fit.ptz", blob)
+    loaded, _ = tg.load_artifact(str(tmp_path / "fit.ptz"), cfg)  # a coarser grid, the same format
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(ids, ids.roll(-1, 1)))
+
+
+def test_export_with_an_unreachable_budget_returns_its_best(tg, monkeypatch):
+    monkeypatch.setattr(tg, "PASSTHROUGH_MAX", 1024)
+    cfg = tiny_cfg(tg)
+    model = trained_like(tg, cfg)
+    blob, _, _, step = tg.export_model(model, cfg, budget=100)  # less than the fp16 tensors alone
+    assert len(blob) > 100 and 1.0 < step <= 32.0  # the caller reports FAIL artifact_too_large
+    tg.unpack_artifact(blob)

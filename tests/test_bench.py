@@ -105,7 +105,7 @@ def test_bench_size_matches_a_real_export(tg, tiny, tmp_path):
     torch.set_num_threads(1)  # as the bench process (OMP_NUM_THREADS=1): the init's low bits depend on threads
     try:
         torch.manual_seed(0)
-        blob, method, cands = tg.export_model(tg.GPT(cfg), cfg)
+        blob, method, cands, _ = tg.export_model(tg.GPT(cfg), cfg)
     finally:
         torch.set_num_threads(threads)
     t = res["trainer"]

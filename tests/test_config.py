@@ -253,3 +253,11 @@ def test_import_has_no_side_effects(tmp_path):
     assert sorted(p.name for p in mod.iterdir()) == ["train_gpt.py"]
     assert list(cwd.iterdir()) == []
     assert "Warning" not in p.stderr
+
+
+def test_readme_glossary_lists_every_env_var(tg):
+    """Every Config field's env var has a row in the README's glossary (one knob = one documented env var)."""
+    from pathlib import Path
+    readme = (Path(tg.__file__).parent / "README.md").read_text()
+    missing = [f.name.upper() for f in tg.fields(tg.Config) if f"| `{f.name.upper()}` |" not in readme]
+    assert not missing, f"README.md glossary lacks {missing}"

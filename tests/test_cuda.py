@@ -193,7 +193,7 @@ def test_full_size_random_init_artifact_fits(tg, monkeypatch):
     every = tg._compressors()
     one = "zstd" if "zstd" in every else "lzma"
     monkeypatch.setattr(tg, "_compressors", lambda: {one: every[one]})
-    blob, method, sizes = tg.export_model(model.cpu(), cfg)
+    blob, method, sizes, _ = tg.export_model(model.cpu(), cfg)
     assert method == one
     total = len(blob) + tg.code_bytes()
     assert total <= 16_000_000, f"{total} bytes ({method}, candidates {sizes})"

@@ -54,7 +54,7 @@ def tiny_artifact(tools, tmp_path, vocab=None, seed=0):
     tg = c.tg
     cfg = c.tiny_config(**({"vocab_size": vocab} if vocab else {}))
     model = c.random_tiny_model(cfg, seed)
-    blob, _, _ = tg.export_model(model, cfg)
+    blob, _, _, _ = tg.export_model(model, cfg)
     path = tmp_path / f"tiny{seed}.ptz"
     tg.atomic_write(path, blob)
     return path, cfg

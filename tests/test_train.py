@@ -264,3 +264,21 @@ def test_eval_only_with_a_damaged_artifact_is_one_line(tg, e2e, tmp_path, capsys
         signal.signal(signal.SIGTERM, old)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(bad) in err[0] and err[0].startswith("error: ")
+
+
+def test_run_fits_the_artifact_into_the_target(tg, e2e, tiny_data, tmp_path, monkeypatch):
+    """ARTIFACT_TARGET_BYTES below the natural size: the run coarsens the int6 grid, says so, writes an artifact
+    that fits, and evaluates that artifact (the roundtrip is of the written file)."""
+    env, out, s = e2e
+    monkeypatch.setattr(tg, "PASSTHROUGH_MAX", 1024)  # the tiny model's matrices become int6
+    base = tg.run(dict(env, RUN_ID="plain", OUT_DIR=str(tmp_path), EVAL_BATCH_SEQS="64", TTT_ENABLED="0"))
+    assert base["int6_step"] == 1.0
+    target = base["bytes_code"] + int(0.9 * base["bytes_model"])
+    fit = tg.run(dict(env, RUN_ID="fit", OUT_DIR=str(tmp_path), EVAL_BATCH_SEQS="64", TTT_ENABLED="0",
+                      ARTIFACT_TARGET_BYTES=str(target)))
+    assert fit["int6_step"] > 1.0 and fit["bytes_total"] <= target and fit["fits"] is True
+    assert fit["bytes_model"] == (tmp_path / "fit.ptz").stat().st_size
+    log = (tmp_path / "fit.txt").read_text()
+    assert re.search(rf"^artifact_fit: int6 step x[\d.]+ to fit ARTIFACT_TARGET_BYTES={target} ", log, re.M)
+    assert fit["stages"]["post_ema"]["val_loss"] == base["stages"]["post_ema"]["val_loss"]  # only the export differs
+    assert fit["stages"]["roundtrip"]["val_loss"] != base["stages"]["roundtrip"]["val_loss"]
