@@ -1,0 +1,1973 @@
+"""Parameter Golf trainer: the PR #549 stack (11L LeakyReLU^2, BigramHash, XSA, partial RoPE, VE, Parallel
+Muon, EMA, int6 export) with score-first TTT and SLOT (seed-faithful `batch` and per-window `causal`).
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, PRESET=competition
+    python train_gpt.py                                         # CPU, PRESET=cpu, offline dataset
+
+Every knob is an UPPERCASE env var mapped to one `Config` field; see README.md for the glossary and log API.
+"""
+# ---- imports ----
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional compressors: the artifact uses whichever is smallest among those present
+    import zstandard
+except ImportError:
+    zstandard = None
+try:
+    import brotli
+except ImportError:
+    brotli = None
+try:  # flash-attn 3 (Hopper), else flash-attn 2, else SDPA
+    from flash_attn_interface import flash_attn_func as _fa3
+except ImportError:
+    _fa3 = None
+try:
+    from flash_attn import flash_attn_func as _fa2
+except ImportError:
+    _fa2 = None
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback (DEBUG=1 shows it)."""
+
+
+# ---- config ----
+SLOT_MODES = ("batch", "causal")
+PRESETS = ("competition", "cpu")
+
+
+@dataclass(frozen=True)
+class Config:
+    # run and paths
+    preset: str = "competition"  # PRESET: competition (CUDA default) | cpu (CPU default); explicit vars override
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # DATA_PATH: folder of fineweb_{train,val}_*.bin
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # TOKENIZER_PATH
+    run_id: str = ""  # RUN_ID: log/artifact name under OUT_DIR (empty: a fresh uuid4)
+    out_dir: str = "logs"  # OUT_DIR: where <RUN_ID>.txt/.json/.ptz go
+    seed: int = 1337  # SEED
+    device: str = ""  # DEVICE: cuda | cpu (empty: cuda when available)
+    compile: bool = True  # COMPILE: torch.compile the trunk (CUDA preset default on, CPU off)
+    amp: bool = True  # AMP: bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
+    eval_only: bool = False  # EVAL_ONLY: skip training, evaluate LOAD_ARTIFACT
+    load_artifact: str = ""  # LOAD_ARTIFACT: path of a saved .ptz artifact (EVAL_ONLY=1)
+    val_max_tokens: int = 0  # VAL_MAX_TOKENS: cap on val targets (0: all; for quick experiments only)
+    eval_time_limit_seconds: float = 600.0  # EVAL_TIME_LIMIT_SECONDS: warn before eval if the estimate exceeds it
+    # eval and logging
+    val_batch_size: int = 524288  # VAL_BATCH_SIZE: tokens per plain-eval batch (global)
+    val_loss_every: int = 4000  # VAL_LOSS_EVERY: plain val eval every N steps (0: only at the end)
+    train_log_every: int = 500  # TRAIN_LOG_EVERY
+    eval_seq_len: int = 2048  # EVAL_SEQ_LEN: sliding window length
+    eval_stride: int = 64  # EVAL_STRIDE: scored tokens per window (window 0 scores all)
+    eval_batch_seqs: int = 32  # EVAL_BATCH_SEQS: windows per scoring batch
+    # length and time
+    iterations: int = 9000  # ITERATIONS: hard cap on steps
+    warmdown_iters: int = 3500  # WARMDOWN_ITERS: warmdown length in (estimated) steps, applied on wall clock
+    warmup_steps: int = 20  # WARMUP_STEPS: priming steps that are run, then undone
+    train_batch_tokens: int = 786432  # TRAIN_BATCH_TOKENS: global batch, independent of world size
+    train_seq_len: int = 2048  # TRAIN_SEQ_LEN
+    max_wallclock_seconds: float = 600.0  # MAX_WALLCLOCK_SECONDS: training budget (0: step-based warmdown)
+    # shape
+    vocab_size: int = 1024  # VOCAB_SIZE
+    num_layers: int = 11  # NUM_LAYERS
+    model_dim: int = 512  # MODEL_DIM
+    num_heads: int = 8  # NUM_HEADS
+    num_kv_heads: int = 4  # NUM_KV_HEADS
+    mlp_mult: float = 3.0  # MLP_MULT
+    tie_embeddings: bool = True  # TIE_EMBEDDINGS
+    rope_base: float = 10000.0  # ROPE_BASE
+    logit_softcap: float = 30.0  # LOGIT_SOFTCAP
+    qk_gain_init: float = 1.5  # QK_GAIN_INIT
+    # features
+    bigram_vocab_size: int = 1536  # BIGRAM_VOCAB_SIZE: hash buckets (0: no BigramHash)
+    bigram_dim: int = 128  # BIGRAM_DIM
+    xsa_last_n: int = 4  # XSA_LAST_N: exclusive self-attention on the last N layers
+    rope_dims: int = 16  # ROPE_DIMS: rotated dims per head (partial RoPE)
+    ln_scale: bool = True  # LN_SCALE: scale block inputs by 1/sqrt(layer+1)
+    ve_enabled: bool = True  # VE_ENABLED: shared value embeddings
+    ve_dim: int = 128  # VE_DIM
+    ve_layers: tuple = (9, 10)  # VE_LAYERS: comma-separated layer indices
+    # optimizer
+    embed_lr: float = 0.6  # EMBED_LR: untied embedding lr
+    head_lr: float = 0.008  # HEAD_LR: untied head lr
+    tied_embed_lr: float = 0.035  # TIED_EMBED_LR
+    tied_embed_init_std: float = 0.005  # TIED_EMBED_INIT_STD
+    matrix_lr: float = 0.025  # MATRIX_LR: Muon lr for the banks
+    scalar_lr: float = 0.025  # SCALAR_LR
+    muon_momentum: float = 0.99  # MUON_MOMENTUM
+    muon_backend_steps: int = 5  # MUON_BACKEND_STEPS: Newton-Schulz iterations
+    muon_momentum_warmup_start: float = 0.92  # MUON_MOMENTUM_WARMUP_START
+    muon_momentum_warmup_steps: int = 1500  # MUON_MOMENTUM_WARMUP_STEPS
+    muon_wd: float = 0.04  # MUON_WD
+    beta1: float = 0.9  # BETA1
+    beta2: float = 0.95  # BETA2
+    adam_eps: float = 1e-8  # ADAM_EPS
+    adam_wd: float = 0.04  # ADAM_WD
+    grad_clip_norm: float = 0.3  # GRAD_CLIP_NORM: on the world-averaged gradient (0: off)
+    # averaging and QAT
+    ema_enabled: bool = True  # EMA_ENABLED
+    ema_decay: float = 0.997  # EMA_DECAY
+    late_qat: bool = True  # LATE_QAT: fake-quantize the exported banks once lr_mul < LATE_QAT_THRESHOLD
+    late_qat_threshold: float = 0.15  # LATE_QAT_THRESHOLD
+    qat_enabled: bool = False  # QAT_ENABLED: fake-quantize from step 0
+    # score-first TTT
+    ttt_enabled: bool = True  # TTT_ENABLED
+    ttt_lr: float = 0.002  # TTT_LR: SGD lr, cosine over chunk index
+    ttt_epochs: int = 3  # TTT_EPOCHS
+    ttt_chunk_tokens: int = 32768  # TTT_CHUNK_TOKENS: multiple of EVAL_STRIDE
+    ttt_freeze_blocks: int = 0  # TTT_FREEZE_BLOCKS: first N blocks frozen, bank slices included
+    ttt_momentum: float = 0.9  # TTT_MOMENTUM
+    ttt_batch_seqs: int = 32  # TTT_BATCH_SEQS
+    ttt_grad_clip: float = 1.0  # TTT_GRAD_CLIP
+    # SLOT
+    slot_enabled: bool = True  # SLOT_ENABLED: fit a hidden-state delta inside every scoring pass
+    slot_mode: str = "batch"  # SLOT_MODE: batch (seed, NOT causal) | causal (per-window, context-only)
+    slot_lr: float = 0.001  # SLOT_LR
+    slot_steps: int = 3  # SLOT_STEPS
+    slot_wd: float = 1e-8  # SLOT_WD: AdamW weight decay
+    slot_eps: float = 1e-5  # SLOT_EPS: AdamW eps
+    slot_beta1: float = 0.9  # SLOT_BETA1
+    slot_beta2: float = 0.999  # SLOT_BETA2
+    slot_context: int = 0  # SLOT_CONTEXT: causal mode fits on the last N scored context targets (0: all)
+    # CTW mixing at evaluation
+    ctw_weight: float = 0.0  # CTW_WEIGHT: mixture weight of the context-tree model (0: off, bit-identical)
+    ctw_depth: int = 4  # CTW_DEPTH: context-tree depth (previous tokens)
+    ctw_alpha: float = 0.0  # CTW_ALPHA: estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
+    control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
+    artifact_target_bytes: int = 16_000_000  # ARTIFACT_TARGET_BYTES: code + model over this: coarser int6 step until it fits (0: never)
+
+    # -- derived --
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @classmethod
+    def from_env(cls, env, cuda: bool | None = None) -> "Config":
+        """Build from a mapping of env vars: preset defaults, then explicit values. Raises UserError."""
+        preset = env.get("PRESET") or ("competition" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu")
+        if preset not in PRESETS:
+            raise UserError(f"PRESET={preset!r} is not valid: use one of {', '.join(PRESETS)}")
+        values = dict(PRESET_VALUES[preset], preset=preset)
+        for f in fields(cls):
+            name = f.name.upper()
+            if name in env and name != "PRESET":
+                values[f.name] = _parse_value(name, env[name], _TYPES[f.type])
+        for name, (allowed, why) in RETIRED_VARS.items():
+            if name in env and allowed is not None and env[name].strip() not in allowed:
+                raise UserError(f"{name}={env[name]!r} is not supported ({why}); allowed: {', '.join(allowed)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok, name, allowed):
+            if not ok:
+                raise UserError(f"{name}={getattr(self, name.lower())!r} is out of range: {allowed}")
+        for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
+                     "TRAIN_BATCH_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "VAL_BATCH_SIZE",
+                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS", "CTW_DEPTH"):
+            need(getattr(self, name.lower()) > 0, name, "must be a positive integer")
+        for name in ("ITERATIONS", "WARMDOWN_ITERS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
+                     "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "SLOT_STEPS", "SLOT_CONTEXT", "XSA_LAST_N", "ROPE_DIMS",
+                     "BIGRAM_VOCAB_SIZE", "VAL_MAX_TOKENS", "MUON_MOMENTUM_WARMUP_STEPS", "ARTIFACT_TARGET_BYTES"):
+            need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
+        for name in ("EMBED_LR", "HEAD_LR", "TIED_EMBED_LR", "MATRIX_LR", "SCALAR_LR", "TTT_LR", "SLOT_LR",
+                     "MUON_WD", "ADAM_WD", "SLOT_WD", "GRAD_CLIP_NORM", "TTT_GRAD_CLIP", "TIED_EMBED_INIT_STD",
+                     "MAX_WALLCLOCK_SECONDS", "EVAL_TIME_LIMIT_SECONDS", "ADAM_EPS", "LATE_QAT_THRESHOLD"):
+            need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
+        for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
+                     "SLOT_BETA1", "SLOT_BETA2"):
+            need(0 <= getattr(self, name.lower()) < 1, name, "must be in [0, 1)")
+        need(0 <= self.ctw_weight < 1, "CTW_WEIGHT", "must be in [0, 1)")
+        need(self.ctw_alpha >= 0, "CTW_ALPHA", "must be >= 0 (0: 1/VOCAB_SIZE)")
+        need(self.slot_eps > 0, "SLOT_EPS", "must be > 0")
+        need(self.slot_mode in SLOT_MODES, "SLOT_MODE", f"one of {', '.join(SLOT_MODES)}")
+        need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
+        need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be a multiple of NUM_HEADS")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
+        need(self.rope_dims % 2 == 0 and self.rope_dims != 2 and self.rope_dims <= self.head_dim, "ROPE_DIMS",
+             f"0 or an even number in [4, {self.head_dim}] (head dim; 2 breaks NTK scaling past 1024)")
+        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", f"<= NUM_LAYERS={self.num_layers}")
+        need(self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"<= NUM_LAYERS={self.num_layers}")
+        need(all(0 <= i < self.num_layers for i in self.ve_layers), "VE_LAYERS",
+             f"comma-separated layer indices in [0, {self.num_layers})")
+        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "0 (off) or >= 2")
+        need(self.mlp_mult > 0, "MLP_MULT", "must be > 0")
+        need(self.logit_softcap > 0, "LOGIT_SOFTCAP", "must be > 0")
+        need(self.vocab_size <= 65536, "VOCAB_SIZE", "<= 65536 (uint16 shards)")
+        need(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"<= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.eval_seq_len % self.eval_stride == 0, "EVAL_SEQ_LEN", f"a multiple of EVAL_STRIDE={self.eval_stride}")
+        need(self.ttt_chunk_tokens % self.eval_stride == 0, "TTT_CHUNK_TOKENS",
+             f"a multiple of EVAL_STRIDE={self.eval_stride}")
+        need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+             f"a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        need(not self.eval_only or self.load_artifact, "LOAD_ARTIFACT", "a path is required with EVAL_ONLY=1")
+
+    def diff_from_defaults(self) -> dict:
+        """Fields that differ from the competition preset: the env vars of an exact run command."""
+        base = Config()
+        return {f.name.upper(): _format_value(getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("preset", "run_id") and getattr(self, f.name) != getattr(base, f.name)}
+
+
+PRESET_VALUES = {
+    "competition": {},  # the field defaults are the seed's SLOT run command
+    "cpu": dict(  # sized so the whole main job fits in 10 minutes on a 2-core CPU with the offline dataset
+        data_path="./data/datasets/offline_sp1024", tokenizer_path="./data/tokenizers/offline_1024_bpe.model",
+        compile=False, num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=1536,
+        xsa_last_n=2, ve_layers=(2, 3), train_seq_len=256, train_batch_tokens=16384, iterations=10000,
+        max_wallclock_seconds=270.0, warmdown_iters=25, warmup_steps=2, muon_momentum_warmup_steps=20,
+        val_loss_every=0, train_log_every=10, val_batch_size=16384, eval_seq_len=256, eval_stride=64,
+        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0, ema_decay=0.9),
+}
+
+# Names the reference reads (or its README sets) that this program does not implement. None = any value is
+# accepted and ignored with a note; otherwise only the listed values are accepted.
+RETIRED_VARS = {
+    "SWA_ENABLED": (None, "SWA is never applied in #549 (dead code); EMA is what is exported"),
+    "SWA_EVERY": (None, "SWA is never applied in #549 (dead code)"),
+    "LAWA_ENABLED": (("0",), "LAWA was removed: off in #549"),
+    "LAWA_K": (None, "LAWA was removed"),
+    "LAWA_FREQ": (None, "LAWA was removed"),
+    "MUON_BETA2": (None, "read but unused by #549's Muon"),
+    "DTG_ENABLED": (("0",), "the DTG gate was removed: off in #549"),
+    "GATED_ATTENTION": (("0",), "gated attention was removed: off in #549"),
+    "VALUE_RESIDUAL": (("0",), "value residual was removed: off in #549"),
+    "MTP_NUM_HEADS": (("0",), "MTP heads were removed: off in #549"),
+    "MTP_LOSS_WEIGHT": (None, "MTP heads were removed"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "no large control tensor exists; CONTROL_TENSOR_NAME_PATTERNS rules"),
+}
+# Env vars of the environment that are not ours even though they share a prefix.
+FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG",
+                "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
+_OUR_PREFIXES = ("SLOT_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
+                 "BIGRAM_", "VE_", "ROPE_", "XSA_", "WARMUP_", "WARMDOWN_", "TIED_", "MATRIX_", "SCALAR_", "NUM_",
+                 "MODEL_", "MLP_", "LOGIT_", "QK_", "LN_", "GRAD_", "HEAD_", "EMBED_", "MAX_", "LOAD_")
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
+
+
+def _parse_value(name: str, raw: str, typ):
+    s = raw.strip()
+    try:
+        if typ is bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if typ is int:
+            try:
+                return int(s)
+            except ValueError:
+                v = float(s)  # accept 1e5 or 8.0, not 8.5
+                if not v.is_integer():
+                    raise
+                return int(v)
+        if typ is float:
+            v = float(s)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if typ is tuple:
+            return tuple(int(p) for p in s.split(",") if p.strip())
+        return s
+    except ValueError:
+        kind = {bool: "0 or 1", int: "an integer", float: "a number", tuple: "comma-separated integers"}[typ]
+        raise UserError(f"{name}={raw!r} is malformed: expected {kind}") from None
+
+
+def _format_value(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, tuple):
+        return ",".join(str(i) for i in v)
+    return str(v)
+
+
+def env_warnings(env) -> list[str]:
+    """Notes for env vars that look like ours but are unknown (typos), and for retired names."""
+    known = {f.name.upper() for f in fields(Config)}
+    out = []
+    for name in sorted(env):
+        if name in known or name in FOREIGN_VARS:
+            continue
+        if name in RETIRED_VARS:
+            out.append(f"config:ignored {name}={env[name]} ({RETIRED_VARS[name][1]})")
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        if close or name.startswith(_OUR_PREFIXES):
+            hint = f"; did you mean {close[0]}?" if close else ""
+            out.append(f"WARNING: unknown variable {name}={env[name]} is ignored{hint}")
+    return out
+
+
+# ---- runtime ----
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    amp: bool = True  # bf16 autocast, and bf16 Newton-Schulz
+    compile: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def setup_runtime(cfg: Config, env) -> Runtime:
+    """The only place that reads torchrun's variables and picks the device and process group."""
+    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("DEVICE=cuda but no CUDA device is available: unset DEVICE or use DEVICE=cpu")
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
+    if want == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        if want == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank,
+                   amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile and want == "cuda")
+
+
+def cpu_bf16_is_fast() -> bool:
+    """bf16 matmul beats fp32 on CPUs with avx512_bf16/AMX, and is ~100x slower on plain AVX2 ones."""
+    a = torch.randn(256, 256)
+    times = []
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        t = time.perf_counter()
+        for _ in range(4):
+            x @ x
+        times.append(time.perf_counter() - t)
+    return times[1] < times[0]
+
+
+def amp_ctx(rt: Runtime):
+    return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp)
+
+
+def sync(rt: Runtime) -> None:
+    if rt.cuda:
+        torch.cuda.synchronize()
+
+
+def all_reduce_(t: Tensor, op=None) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def maybe_compile(fn, rt: Runtime):
+    return torch.compile(fn, dynamic=False) if rt.compile else fn
+
+
+def peak_memory_mb(rt: Runtime) -> float:
+    if rt.cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous split of n items over world ranks: rank r gets [n*r//w, n*(r+1)//w)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+# ---- data ----
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+class DataError(UserError):
+    pass
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens in the competition's shard format, atomically (temp name, then rename)."""
+    toks = np.asarray(tokens)
+    if toks.size and (toks.min() < 0 or toks.max() >= 65536):
+        raise DataError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, toks.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(toks.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard_header(path) -> int:
+    """Validate a shard's header and size; return its token count. Raises DataError naming the defect."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_INTS * 4)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    if len(raw) < HEADER_INTS * 4:
+        raise DataError(f"{path}: truncated header ({size} bytes, need {HEADER_INTS * 4})")
+    head = np.frombuffer(raw, dtype="<i4")
+    if head[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {int(head[0])} (expected {SHARD_MAGIC}); not a shard file")
+    if head[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {int(head[1])} (expected {SHARD_VERSION})")
+    n = int(head[2])
+    expected = HEADER_INTS * 4 + 2 * n
+    if size != expected:
+        kind = "truncated body" if size < expected else "trailing bytes"
+        raise DataError(f"{path}: {kind}: {size} bytes but the header says {n} tokens ({expected} bytes)")
+    return n
+
+
+def load_shard(path, vocab_size: int | None = None) -> np.ndarray:
+    """Read and validate one shard; returns uint16 tokens. Token ids >= vocab_size are an error."""
+    n = read_shard_header(path)
+    toks = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+    if vocab_size is not None and n and int(toks.max()) >= vocab_size:
+        bad = int(np.argmax(toks >= vocab_size))
+        raise DataError(f"{path}: token id {int(toks[bad])} at index {bad} is >= VOCAB_SIZE={vocab_size}")
+    return toks
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+
+
+def check_data_path(data_path: str) -> None:
+    hint = ("get the data with `python data/cached_challenge_fineweb.py` (FineWeb) or "
+            "`python data/prepare_offline.py` (offline), or set DATA_PATH")
+    if not os.path.isdir(data_path):
+        raise DataError(f"DATA_PATH {data_path} does not exist: {hint}")
+    if not shard_files(data_path, "val"):
+        raise DataError(f"DATA_PATH {data_path} has no fineweb_val_*.bin shards: {hint}")
+
+
+def load_val_tokens(cfg: Config) -> Tensor:
+    """All val shards concatenated; targets capped by VAL_MAX_TOKENS. Returns int64 tokens (targets = n-1)."""
+    check_data_path(cfg.data_path)
+    toks = np.concatenate([load_shard(p, cfg.vocab_size) for p in shard_files(cfg.data_path, "val")])
+    if cfg.val_max_tokens:
+        toks = toks[: cfg.val_max_tokens + 1]
+    if toks.size < 2:
+        raise DataError(f"DATA_PATH {cfg.data_path}: val shards hold {toks.size} tokens; need at least 2")
+    return torch.from_numpy(toks.astype(np.int64))
+
+
+class TokenStream:
+    """Reads the train shards in order, wrapping forever (every rank reads the same stream)."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        if not files:
+            raise DataError("no fineweb_train_*.bin shards found: get the data or set DATA_PATH")
+        if sum(read_shard_header(f) for f in files) == 0:
+            raise DataError(f"the train shards in {os.path.dirname(files[0])} hold no tokens: rebuild the data")
+        self.files, self.vocab_size = files, vocab_size
+        self.idx, self.pos = 0, 0
+        self.tokens = load_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        out, need = [], n
+        while need:
+            if self.pos >= self.tokens.size:
+                self.idx = (self.idx + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.idx], self.vocab_size), 0
+                continue
+            k = min(need, self.tokens.size - self.pos)
+            out.append(self.tokens[self.pos: self.pos + k])
+            self.pos, need = self.pos + k, need - k
+        return np.concatenate(out)
+
+
+class DistributedLoader:
+    """Each step takes world*(local+1) contiguous tokens; rank r gets its own slice of local+1 (x and y)."""
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
+        self.rt = rt
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.rt.world_size)
+        t = torch.from_numpy(chunk[self.rt.rank * span: (self.rt.rank + 1) * span].astype(np.int64))
+        x, y = t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+
+
+@dataclass
+class ByteLuts:
+    """Per-token byte accounting (parameter_golf.md section 3). Tensors of size max(sp vocab, VOCAB_SIZE)."""
+    base_bytes: Tensor  # int16: UTF-8 bytes of the piece without one leading U+2581; 1 for <0xNN>; 0 for boundaries
+    has_space: Tensor  # bool: piece starts with U+2581 (counts 1 byte unless the previous token is a boundary)
+    is_boundary: Tensor  # bool: control, unknown, unused, or past the sp vocab
+
+    def target_bytes(self, prev: Tensor, tgt: Tensor) -> Tensor:
+        """Bytes of each target given the token before it (same shapes); int64."""
+        b = self.base_bytes[tgt].long()
+        return b + (self.has_space[tgt] & ~self.is_boundary[prev]).long()
+
+    def to(self, device) -> "ByteLuts":
+        return ByteLuts(*(t.to(device) for t in (self.base_bytes, self.has_space, self.is_boundary)))
+
+
+def build_byte_luts(sp, vocab_size: int) -> ByteLuts:
+    n = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(n, dtype=np.int16)
+    space = np.zeros(n, dtype=bool)
+    boundary = np.ones(n, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteLuts(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def load_tokenizer_luts(cfg: Config) -> ByteLuts:
+    import sentencepiece as spm
+    if not os.path.isfile(cfg.tokenizer_path):
+        raise DataError(f"TOKENIZER_PATH {cfg.tokenizer_path} does not exist: get the data (see README) "
+                        f"or set TOKENIZER_PATH (VOCAB_SIZE={cfg.vocab_size})")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(cfg.tokenizer_path)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"TOKENIZER_PATH {cfg.tokenizer_path}: not a SentencePiece model ({e})") from None
+    if sp.vocab_size() != cfg.vocab_size:
+        raise DataError(f"TOKENIZER_PATH {cfg.tokenizer_path} has vocab size {sp.vocab_size()} but "
+                        f"VOCAB_SIZE={cfg.vocab_size}: make them agree")
+    return build_byte_luts(sp, cfg.vocab_size)
+
+
+# ---- model ----
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention on (B,T,H,D) q and (B,T,Hkv,D) k/v; the only attention dispatch in the file."""
+    if q.is_cuda and q.dtype == torch.bfloat16 and (_fa3 or _fa2):
+        out = (_fa3 or _fa2)(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def attention_backend(device: torch.device) -> str:
+    if device.type == "cuda" and _fa3:
+        return "flash_attn_3"
+    if device.type == "cuda" and _fa2:
+        return "flash_attn_2"
+    return "sdpa"
+
+
+def fake_quant_int6(w: Tensor) -> Tensor:
+    """Straight-through per-row int6 fake quantization on the export grid (+-31, row-max scale)."""
+    s = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 31
+    return w + ((w / s).round().clamp(-31, 31) * s - w).detach()
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first `dims` dims of each head, rotate-half style inside them.
+
+    NTK scaling keys on the reference's hard-coded train length of 1024 (quirk kept: at T=2048 the base
+    becomes base*2^(dims/(dims-2)), which is what the seed's numbers were measured with)."""
+
+    NTK_LEN = 1024
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims, self.base = dims, base
+        self._cache: dict = {}
+
+    def cos_sin(self, T: int, device) -> tuple[Tensor, Tensor]:
+        key = (T, str(device))
+        if key not in self._cache:
+            base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
+            inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims)
+            ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+            self._cache[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
+        return self._cache[key]
+
+    def __call__(self, x: Tensor) -> Tensor:  # (B,T,H,D)
+        if self.dims == 0:
+            return x
+        cos, sin = self.cos_sin(x.size(1), x.device)
+        cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+        half = self.dims // 2
+        x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+class BigramHash(nn.Module):
+    """Hashed (prev, cur) token-pair embedding; position 0 of every row uses the last bucket (quirk kept)."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids32 = ids.to(torch.int32)
+        h = torch.bitwise_xor(36313 * ids32[:, 1:], 27191 * ids32[:, :-1]) % (self.buckets - 1)
+        h = torch.cat((torch.full_like(ids32[:, :1], self.buckets - 1), h), dim=1)
+        return self.scale * self.proj(self.embed(h.long()))
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(ids))
+
+
+class Block(nn.Module):
+    """Per-block scalars; the block's matrices live in the GPT's banks and are passed in."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        D = cfg.model_dim
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.attn_scale = nn.Parameter(torch.ones(D))
+        self.mlp_scale = nn.Parameter(torch.ones(D))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(D), torch.zeros(D))))
+        self.ln = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, ve, cache=None):
+        B, T, D = x.shape
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        h = rms_norm(x) * self.ln
+        q = F.linear(h, wq.to(h.dtype)).view(B, T, self.H, self.hd)
+        k = F.linear(h, wk.to(h.dtype)).view(B, T, self.Hkv, self.hd)
+        v = F.linear(h, wv.to(h.dtype))
+        if ve is not None:
+            v = v + ve.to(v.dtype)
+        v = v.view(B, T, self.Hkv, self.hd)
+        if cache is None:
+            q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+        else:  # KV cache (generation): these T tokens sit at positions P..P+T-1 after the P cached ones
+            P = cache["k"].size(1) if "k" in cache else 0
+            n = max(P + T, cache.get("rope_len", 0))  # RoPE table length (its NTK base depends on it)
+            q, k = (rotary(F.pad(rms_norm(t), (0, 0, 0, 0, P, n - P - T)))[:, P:P + T] for t in (q, k))
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if cache is None:
+            y = attend(q, k, v)
+        else:
+            kc = torch.cat((cache["k"], k), 1) if P else k
+            vc = torch.cat((cache["v"], v), 1) if P else v
+            cache["k"], cache["v"] = kc, vc
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=self.Hkv != self.H).transpose(1, 2)
+        if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
+            yg = y.view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.hd)
+        x = x + self.attn_scale * F.linear(y.reshape(B, T, D), wo.to(y.dtype))
+        u = F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5).square()
+        return x + self.mlp_scale * F.linear(u, wdown.to(u.dtype))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        L, D, V = cfg.num_layers, cfg.model_dim, cfg.vocab_size
+        kv = cfg.num_kv_heads * cfg.head_dim
+        self.tok_emb = nn.Embedding(V, D)
+        self.bigram = BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, D) if cfg.bigram_vocab_size else None
+        self.smear = nn.Parameter(torch.zeros(D))  # SmearGate logit per channel
+        self.n_enc = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, L - self.n_enc), D))
+        # banks: [i] = layer i's Q / K / up / down, [L+i] = layer i's out-proj / V
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, D))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, cfg.mlp_dim, D))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, D, cfg.mlp_dim))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(L))
+        self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
+        self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv, len(self.ve_layers)) if self.ve_layers else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, V, bias=False)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.qat = False
+        self._init_weights()
+
+    def _init_weights(self):
+        cfg, L = self.cfg, self.cfg.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        with torch.no_grad():
+            for i in range(L):
+                for bank, j in ((self.qo_bank, i), (self.kv_bank, i), (self.kv_bank, L + i), (self.mlp_up_bank, i)):
+                    nn.init.orthogonal_(bank[j])
+            self.qo_bank[L:].zero_()
+            self.mlp_down_bank.zero_()
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight)  # the reference's generic pass overrides its zero init
+        if self.ve_shared is not None:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+            nn.init.orthogonal_(self.ve_shared.proj.weight)
+        if self.lm_head is not None:
+            nn.init.orthogonal_(self.lm_head.weight)
+
+    def banks(self):
+        return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+
+    def forward_hidden(self, ids: Tensor, cache: dict | None = None) -> Tensor:
+        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks.
+
+        cache (generation only; None: unchanged): a dict, {} at first, that keeps every layer's keys/values and the
+        last token and embedding; `ids` are then the tokens after the cached ones, and only they are computed. The
+        result equals one uncached call on the whole sequence (to float rounding) while the sequence is at most
+        Rotary.NTK_LEN tokens long; cache["rope_len"] = n fixes the RoPE table at n positions, as a call of n uses."""
+        L = self.cfg.num_layers
+        qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.qat and self.training else self.banks()
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + (self.bigram(ids) if cache is None or "ids" not in cache else
+                     self.bigram(torch.cat((cache["ids"], ids), 1))[:, 1:])
+        x = rms_norm(x)
+        g = torch.sigmoid(self.smear).to(x.dtype)
+        if cache is None:
+            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        else:  # the token before ids[:, 0] is the last cached one
+            prev = torch.cat((cache["x"], x[:, :-1]), 1) if "x" in cache else F.pad(x[:, :-1], (0, 0, 1, 0))
+            cache["ids"], cache["x"] = ids[:, -1:], x[:, -1:]
+            x = (1 - g) * x + g * prev
+            layers = cache.setdefault("layers", [{"rope_len": cache.get("rope_len", 0)} for _ in self.blocks])
+        x0, skips = x, []
+        ve = self.ve_shared(ids) if self.ve_shared is not None else None
+        for i, blk in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+            ve_i = ve * self.ve_shared.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
+            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, ve_i,
+                    None if cache is None else layers[i])
+            if i < self.n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def raw_logits(self, h: Tensor) -> Tensor:
+        """(…,D) -> (…,V) fp32 logits before the softcap; linear in h, which SLOT relies on."""
+        return F.linear(h.float(), self.head_weight().float())
+
+    def softcap(self, z: Tensor) -> Tensor:
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def compute_logits(self, h: Tensor) -> Tensor:
+        """(B,T,D) -> (B,T,V) fp32 softcapped logits: the head."""
+        return self.softcap(self.raw_logits(h))
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits = self.compute_logits(self.forward_hidden(ids))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- optim ----
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
+    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices (bf16 where bf16 is fast)."""
+    a, b, c = NS_COEFFS
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).float()
+
+
+class ParallelMuon:
+    """Muon on the parameter banks, sharded over ranks: reduce-scatter the grads (async), momentum and
+    Newton-Schulz on the local shard, all-gather the updates. World size 1 is the same code with one shard."""
+
+    def __init__(self, banks: list[nn.Parameter], cfg: Config, rt: Runtime):
+        self.banks, self.cfg, self.rt = banks, cfg, rt
+        W = rt.world_size
+        self.per = [-(-b.size(0) // W) for b in banks]  # matrices per rank (banks padded to a multiple of W)
+        self.bufs = [torch.zeros(p, *b.shape[1:], device=b.device) for p, b in zip(self.per, banks)]
+        self.lr, self.momentum = cfg.matrix_lr, cfg.muon_momentum
+        self._shards: list = []
+
+    def launch(self) -> None:
+        """Start averaging the bank grads; each rank receives its shard."""
+        W, self._shards = self.rt.world_size, []
+        for b, per in zip(self.banks, self.per):
+            g = b.grad
+            if W == 1:
+                self._shards.append((g, None))
+                continue
+            pad = torch.zeros(per * W, *g.shape[1:], device=g.device, dtype=torch.float32)
+            pad[: g.size(0)] = g
+            out = torch.empty(per, *g.shape[1:], device=g.device, dtype=torch.float32)
+            self._shards.append((out, dist.reduce_scatter_tensor(out, pad, async_op=True)))
+
+    def shard_sq_norm(self) -> Tensor:
+        """Sum of squares of this rank's averaged shard grads (waits for the reduce-scatters)."""
+        total = torch.zeros((), device=self.rt.device, dtype=torch.float64)
+        for i, (g, work) in enumerate(self._shards):
+            if work is not None:
+                work.wait()
+                g.div_(self.rt.world_size)
+                self._shards[i] = (g, None)
+            total += g.double().square().sum()
+        return total
+
+    @torch.no_grad()
+    def step(self, clip_scale: float) -> None:
+        W, r = self.rt.world_size, self.rt.rank
+        gathers = []
+        for b, per, buf, (g, _) in zip(self.banks, self.per, self.bufs, self._shards):
+            g = g * clip_scale
+            buf.mul_(self.momentum).add_(g)
+            upd = newton_schulz(g + self.momentum * buf, self.cfg.muon_backend_steps,
+                                torch.bfloat16 if self.rt.amp else torch.float32)
+            upd *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            if W == 1:
+                gathers.append((b, upd, None))
+                continue
+            full = torch.empty(per * W, *upd.shape[1:], device=upd.device, dtype=upd.dtype)
+            gathers.append((b, full, dist.all_gather_into_tensor(full, upd.contiguous(), async_op=True)))
+        for b, full, work in gathers:
+            if work is not None:
+                work.wait()
+            b.mul_(1 - self.lr * self.cfg.muon_wd).add_(full[: b.size(0)].to(b.dtype), alpha=-self.lr)
+
+    def state_dict(self) -> dict:
+        return {"bufs": [t.clone() for t in self.bufs]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for t, s in zip(self.bufs, sd["bufs"]):
+            t.copy_(s)
+
+
+class Optimizers:
+    """Muon for the banks, AdamW for embeddings (TIED_EMBED_LR) and everything else (SCALAR_LR).
+    Grads are averaged over ranks first, then clipped by their global norm (GRAD_CLIP_NORM)."""
+
+    def __init__(self, model: GPT, cfg: Config, rt: Runtime):
+        self.model, self.cfg, self.rt = model, cfg, rt
+        banks = list(model.banks())
+        bank_ids = {id(p) for p in banks}
+        emb = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve_shared) if m is not None]
+        emb_ids = {id(p) for p in emb}
+        head = [model.lm_head.weight] if model.lm_head is not None else []
+        rest = [p for p in model.parameters() if id(p) not in bank_ids | emb_ids and not any(p is h for h in head)]
+        groups = [dict(params=emb, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
+                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                      weight_decay=cfg.adam_wd, fused=rt.cuda)
+        self.muon = ParallelMuon(banks, cfg, rt)
+        self.replicated = [p for g in groups for p in g["params"]]
+
+    def set_schedule(self, lr_mul: float, step: int) -> None:
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_mul
+        self.muon.lr = self.cfg.matrix_lr * lr_mul
+        self.muon.momentum = muon_momentum_at(step, self.cfg)
+
+    def step(self) -> float:
+        """Average grads over ranks, clip by the global norm, step both optimizers. Returns the grad norm."""
+        self.muon.launch()
+        grads = [p.grad for p in self.replicated if p.grad is not None]
+        if self.rt.world_size > 1 and grads:
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            all_reduce_(flat).div_(self.rt.world_size)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off: off + g.numel()].view_as(g))
+                off += g.numel()
+        sq = sum((g.double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.rt.device))
+        bank_sq = self.muon.shard_sq_norm()
+        total = (sq + all_reduce_(bank_sq)).sqrt().item()
+        clip = self.cfg.grad_clip_norm
+        scale = min(1.0, clip / (total + 1e-6)) if clip > 0 else 1.0
+        if scale < 1.0:
+            torch._foreach_mul_(grads, scale)
+        self.adam.step()
+        self.muon.step(scale)
+        return total
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.adam.load_state_dict(sd["adam"])
+        self.muon.load_state_dict(sd["muon"])
+
+
+def muon_momentum_at(step: int, cfg: Config) -> float:
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
+    """Linear warmdown: on the wall clock (WARMDOWN_ITERS x measured step time before the cap), or over the
+    last WARMDOWN_ITERS of ITERATIONS when MAX_WALLCLOCK_SECONDS is 0. No LR warmup."""
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cfg.max_wallclock_seconds <= 0:
+        start = max(cfg.iterations - cfg.warmdown_iters, 0)
+        return 1.0 if step < start else max(cfg.iterations - step, 0) / max(cfg.warmdown_iters, 1)
+    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining = max(cfg.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
+    return remaining / max(warmdown_ms, 1e-9) if remaining <= warmdown_ms else 1.0
+
+
+# ---- train ----
+class Logger:
+    """Rank 0 writes each line to stdout and logs/<RUN_ID>.txt; other ranks stay silent."""
+
+    def __init__(self, path: Path | None, is_main: bool):
+        self.path, self.is_main, self.bar = path, is_main, None
+        if path and is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", encoding="utf-8")
+        else:
+            self.fh = None
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        if console:
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
+        if self.fh:
+            self.fh.write(msg + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+            self.fh = None
+
+
+class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow a SIGTERM
+    pass
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach().float() for p in self.params], alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
+
+
+def grad_accum_steps(cfg: Config, world: int) -> int:
+    """8 micro-steps per rank-world of 8 (the reference's rule), so the global batch is world-independent."""
+    if world > 8 or 8 % world:
+        raise UserError(f"world size {world} must divide 8 (the global batch TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}"
+                        " is split into 8 micro-batches): use 1, 2, 4 or 8 processes")
+    accum = 8 // world
+    if cfg.train_batch_tokens % (world * accum * cfg.train_seq_len):
+        raise UserError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not divisible by 8 x TRAIN_SEQ_LEN="
+                        f"{cfg.train_seq_len}: each of the 8 micro-batches needs whole sequences")
+    return accum
+
+
+def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clock=time.perf_counter) -> dict:
+    """Wall-clock-budgeted training; returns {steps, train_seconds}. EMA weights are applied at the end."""
+    accum = grad_accum_steps(cfg, rt.world_size)
+    local_tokens = cfg.train_batch_tokens // (rt.world_size * accum)
+    fwd = maybe_compile(model, rt)
+    opt = Optimizers(model, cfg, rt)
+
+    def micro_steps(loader) -> Tensor:
+        total = torch.zeros((), device=rt.device)
+        for _ in range(accum):
+            x, y = loader.next_batch(local_tokens, cfg.train_seq_len)
+            with amp_ctx(rt):
+                loss = fwd(x, y)
+            (loss / accum).backward()
+            total += loss.detach() / accum
+        return total
+
+    if cfg.warmup_steps:  # prime compile/allocator on real steps, then restore the initial state
+        init_model, init_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+        loader = DistributedLoader(cfg, rt)
+        model.train()
+        for ws in range(cfg.warmup_steps):
+            opt.zero_grad()
+            micro_steps(loader)
+            opt.set_schedule(1.0, 0)
+            opt.step()
+            if cfg.warmup_steps <= 20 or (ws + 1) % 10 == 0 or ws + 1 == cfg.warmup_steps:
+                log(f"warmup_step:{ws + 1}/{cfg.warmup_steps}")
+        model.load_state_dict(init_model)
+        opt.load_state_dict(init_opt)
+        opt.zero_grad()
+    loader = DistributedLoader(cfg, rt)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
+    model.qat = cfg.qat_enabled
+    bar = None
+    if rt.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = log.bar = tqdm(total=cfg.iterations, desc="train", unit="step", leave=False)
+    train_ms, step, stop_after = 0.0, 0, False
+    sync(rt)
+    t0 = clock()
+    while True:
+        last = step == cfg.iterations or stop_after
+        if last or (cfg.val_loss_every and step % cfg.val_loss_every == 0):
+            sync(rt)
+            train_ms += 1000 * (clock() - t0)
+            vl, vb = evaluate_plain(model, val, cfg, rt)
+            log(f"step:{step}/{cfg.iterations} val_loss:{vl:.4f} val_bpb:{vb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync(rt)
+            t0 = clock()
+        if last:
+            break
+        mul = lr_mul(step, train_ms + 1000 * (clock() - t0), cfg)
+        if cfg.late_qat and not model.qat and mul < cfg.late_qat_threshold:
+            model.qat = True
+            log(f"late_qat:enabled step:{step} scale:{mul:.4f}")
+        model.train()
+        opt.zero_grad()
+        loss = micro_steps(loader)
+        opt.set_schedule(mul, step)
+        opt.step()
+        if ema is not None:
+            ema.update()
+        step += 1
+        loss_v = loss.item()
+        if not math.isfinite(loss_v):
+            raise UserError(f"non-finite training loss ({loss_v}) at step {step}: lower the learning rates "
+                            "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        elapsed = train_ms + 1000 * (clock() - t0)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr_mul=f"{mul:.3f}")
+        reached = torch.tensor(float(cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds),
+                               device=rt.device)
+        if rt.world_size > 1:
+            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        if step <= 10 or step % max(cfg.train_log_every, 1) == 0 or step == cfg.iterations or \
+                (reached.item() and not stop_after):  # the last training step is always logged
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss_v:.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
+        if reached.item() and not stop_after:
+            stop_after = True
+            log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
+    if bar is not None:
+        bar.close()
+        log.bar = None
+    model.qat = False
+    if ema is not None:
+        log("ema:applying EMA weights")
+        ema.apply()
+    return {"steps": step, "train_seconds": train_ms / 1000}
+
+
+# ---- artifact ----
+ARTIFACT_MAGIC = b"PGOLF-A1"
+ARCH_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+               "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "xsa_last_n", "rope_dims",
+               "ln_scale", "ve_enabled", "ve_dim", "ve_layers")
+INT6_PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+INT8_CLIP_Q = 0.9999984
+PASSTHROUGH_MAX = 65536
+BANK_NAMES = {"qo_bank": ("attn.c_q", "attn.proj"), "kv_bank": ("attn.c_k", "attn.c_v"),
+              "mlp_up_bank": ("mlp.fc", None), "mlp_down_bank": ("mlp.proj", None)}
+
+
+class ArtifactError(UserError):
+    pass
+
+
+def unbank(sd: dict, L: int) -> dict:
+    """Banks -> per-layer 2-D matrices with the baseline's names (blocks.{i}.attn.c_q.weight, ...)."""
+    out = {k: v for k, v in sd.items() if k not in BANK_NAMES}
+    for bank, (lo, hi) in BANK_NAMES.items():
+        for i in range(L):
+            out[f"blocks.{i}.{lo}.weight"] = sd[bank][i]
+            if hi:
+                out[f"blocks.{i}.{hi}.weight"] = sd[bank][L + i]
+    return out
+
+
+def rebank(sd: dict, L: int) -> dict:
+    out = {k: v for k, v in sd.items() if not (k.startswith("blocks.") and k.endswith(".weight") and
+                                                (".attn." in k or ".mlp." in k))}
+    for bank, (lo, hi) in BANK_NAMES.items():
+        mats = [sd[f"blocks.{i}.{lo}.weight"] for i in range(L)]
+        if hi:
+            mats += [sd[f"blocks.{i}.{hi}.weight"] for i in range(L)]
+        out[bank] = torch.stack(mats)
+    return out
+
+
+def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linear") -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantization to [-qmax, qmax]; each row keeps the clip percentile with least error.
+    interpolation="higher" makes each clip an actual |w| of its row, so re-exporting dequantized weights is a
+    fixed point (int8); "linear" (int6) gives clips between the largest values, which the search can exploit."""
+    w = w.float()
+    a = w.abs()
+    clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1, interpolation=interpolation) \
+        if len(percentiles) > 1 or percentiles[0] < 1 else a.amax(dim=1)[None]
+    best_q, best_s, best_err = None, None, None
+    for clip in clips:
+        s = (clip / qmax).half().clamp_min(2.0 ** -24)  # clamp after the cast: a tiny clip must not round to 0
+        q = (w / s.float()[:, None]).round().clamp(-qmax, qmax)
+        err = (q * s.float()[:, None] - w).square().sum(1)
+        if best_err is None:
+            best_q, best_s, best_err = q, s, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_s, best_err = torch.where(better, s, best_s), torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_s
+
+
+def coarsen_rows(w: Tensor, s: Tensor, step: float) -> tuple[Tensor, Tensor]:
+    """int6 codes of w on a grid `step` times coarser than its per-row scales s (fp16, as stored)."""
+    s = (s.float() * step).half().clamp_min(2.0 ** -24)
+    return (w.float() / s.float()[:, None]).round().clamp(-31, 31).to(torch.int8), s
+
+
+def int6_bits(mats: dict, step: float) -> float:
+    """Order-0 entropy, in bits, of the int6 codes of every (weight, scale) pair in mats at a given step."""
+    bits = 0.0
+    for w, s in mats.values():
+        c = torch.bincount(coarsen_rows(w, s, step)[0].view(-1).long() + 31, minlength=63).double()
+        p = c[c > 0] / w.numel()
+        bits -= w.numel() * float((p * p.log2()).sum())
+    return bits
+
+
+def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
+    """int6 (attn/mlp matrices), int8 (embeddings), fp16 passthrough (<= 65,536 elements). Returns (arrays, meta)."""
+    keep32 = tuple(p for p in cfg.control_tensor_name_patterns.split(",") if p)
+    arrays, meta = {}, {}
+    for name, t in unbank(sd, cfg.num_layers).items():
+        t = t.detach().cpu()
+        if t.numel() <= PASSTHROUGH_MAX or not t.is_floating_point():
+            kind = "fp32" if any(p in name for p in keep32) else "fp16"
+            arrays[name] = t.float().numpy() if kind == "fp32" else t.half().numpy()
+        elif ".attn." in name or ".mlp." in name:
+            kind = "int6"
+            q, s = quantize_rows(t, 31, INT6_PERCENTILES)
+            arrays[name + ".q"], arrays[name + ".scale"] = q.numpy(), s.numpy()
+        else:
+            kind = "int8"
+            q, s = quantize_rows(t, 127, (INT8_CLIP_Q,), "higher")
+            arrays[name + ".q"], arrays[name + ".scale"] = q.numpy(), s.numpy()
+        meta[name] = {"kind": kind, "shape": list(t.shape)}
+    return arrays, meta
+
+
+def dequantize_state(arrays: dict, meta: dict, cfg: Config) -> dict:
+    sd = {}
+    for name, m in meta.items():
+        if m["kind"] in ("int6", "int8"):
+            q, s = torch.tensor(arrays[name + ".q"]).float(), torch.tensor(arrays[name + ".scale"]).float()
+            sd[name] = (q * s[:, None]).view(m["shape"])
+        else:
+            sd[name] = torch.tensor(arrays[name]).float().view(m["shape"])
+    return rebank(sd, cfg.num_layers)
+
+
+def _compressors() -> dict:
+    out = {"lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)}
+    if zstandard is not None:
+        out["zstd"] = (lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+                       lambda b: zstandard.ZstdDecompressor().decompress(b))
+    if brotli is not None:
+        out["brotli"] = (lambda b: brotli.compress(b, quality=11, lgwin=24), brotli.decompress)
+    return out
+
+
+def pack_artifact(arrays: dict, meta: dict, arch: dict, only: str = "") -> tuple[bytes, str, dict]:
+    """Serialize and compress with every available compressor (or `only` that one); keep the smallest.
+    Returns (blob, method, sizes)."""
+    header = json.dumps({"meta": meta, "arch": arch,
+                         "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}).encode()
+    payload = len(header).to_bytes(4, "little") + header + b"".join(np.ascontiguousarray(v).tobytes()
+                                                                      for v in arrays.values())
+    from concurrent.futures import ThreadPoolExecutor
+    comps = _compressors()
+    comps = {only: comps[only]} if only else comps
+    with ThreadPoolExecutor(len(comps)) as ex:
+        results = dict(zip(comps, ex.map(lambda c: c[0](payload), comps.values())))
+    method = min(results, key=lambda k: len(results[k]))
+    names = sorted(comps)
+    blob = (ARTIFACT_MAGIC + bytes([names.index(method)]) + len(names).to_bytes(1, "little") +
+            b"".join(n.encode().ljust(8, b"\0") for n in names) + zlib.crc32(payload).to_bytes(4, "little") +
+            results[method])
+    return blob, method, {k: len(v) for k, v in results.items()}
+
+
+def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, dict, dict]:
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ArtifactError(f"{path}: not an artifact of this program (bad magic)")
+    try:
+        idx, n = blob[len(ARTIFACT_MAGIC)], blob[len(ARTIFACT_MAGIC) + 1]
+        off = len(ARTIFACT_MAGIC) + 2
+        names = [blob[off + 8 * i: off + 8 * i + 8].rstrip(b"\0").decode() for i in range(n)]
+        off += 8 * n
+        if len(blob) <= off + 4:
+            raise ArtifactError(f"{path}: truncated artifact ({len(blob)} bytes: the header is incomplete)")
+        crc = int.from_bytes(blob[off: off + 4], "little")
+        method = names[idx]
+        comps = _compressors()
+        if method not in comps:
+            raise ArtifactError(f"{path}: compressed with {method}, which is not installed (pip install -r requirements.txt)")
+        payload = comps[method][1](blob[off + 4:])
+    except ArtifactError:
+        raise
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArtifactError(f"{path}: truncated or corrupted artifact ({len(blob)} bytes; {why})") from None
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError(f"{path}: corrupted artifact (checksum mismatch)")
+    try:
+        hl = int.from_bytes(payload[:4], "little")
+        header = json.loads(payload[4: 4 + hl])
+        arrays, off = {}, 4 + hl
+        for name, dtype, shape in header["arrays"]:
+            n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            arrays[name] = np.frombuffer(payload, dtype=dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
+            off += n
+    except Exception as e:
+        raise ArtifactError(f"{path}: corrupted artifact payload ({type(e).__name__})") from None
+    return arrays, header["meta"], header["arch"]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp name in the same folder, fsync, rename: a crash never leaves a partial file in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, dict, float]:
+    """Quantize and compress. Over `budget` model bytes (0: no limit), every int6 matrix moves to a grid `step`
+    times coarser than its clip search chose, with one step for all: the step whose predicted size (the int6
+    codes' order-0 entropy, anchored on the last measured size) fits, then measured with the chosen compressor
+    only; up to 4 tries. Returns (blob, method, sizes of the step-1 candidates, step)."""
+    sd = model.state_dict()
+    arrays, meta = quantize_state(sd, cfg)
+    arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    blob, method, sizes = pack_artifact(arrays, meta, arch)
+    step, goal = 1.0, budget
+    mats = {k: (w.detach().cpu(), torch.from_numpy(arrays[k + ".scale"])) for k, w in unbank(sd, cfg.num_layers).items()
+            if meta[k]["kind"] == "int6"}
+    for _ in range(4 if mats and budget else 0):
+        if len(blob) <= budget:
+            break
+        need, base = 8 * (len(blob) - goal), int6_bits(mats, step)
+        lo, hi = step, 32.0
+        for _ in range(20):  # bisection on the predicted saving; every step >= hi saves at least `need` bits
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if base - int6_bits(mats, mid) >= need else (mid, hi)
+        step = hi
+        for k, (w, s) in mats.items():
+            q, s2 = coarsen_rows(w, s, step)
+            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s2.numpy()
+        over = len(blob)
+        blob = pack_artifact(arrays, meta, arch, only=method)[0]
+        goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
+        if len(blob) >= over:
+            break
+    return blob, method, sizes, step
+
+
+def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
+    """A fresh model from an artifact file; its architecture overrides the config's shape fields."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"LOAD_ARTIFACT {path}: cannot read ({e.strerror})") from None
+    arrays, meta, arch = unpack_artifact(blob, path)
+    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+    cfg = dataclasses.replace(cfg, **arch)
+    model = GPT(cfg)
+    try:
+        model.load_state_dict(dequantize_state(arrays, meta, cfg), strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise ArtifactError(f"{path}: artifact does not match the model ({str(e).splitlines()[0]})") from None
+    return model, cfg
+
+
+def code_bytes() -> int:
+    return len(Path(__file__).read_bytes())
+
+
+# ---- eval ----
+@dataclass
+class ValData:
+    tokens: Tensor  # int64 (N+1,) on CPU: N targets
+    luts: ByteLuts | None  # None: no byte accounting (score_stream)
+
+
+def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over n target positions: (start, length, score_from). Window 0 scores all its positions;
+    each later one scores the `stride` positions after the previous one, the last window is shifted back to end
+    at n so every window keeps full context. Every position in [0, n) is scored exactly once."""
+    if n <= seq_len:
+        return [(0, n, 0)]
+    plan, end = [(0, seq_len, 0)], seq_len
+    while end < n:
+        new_end = min(end + stride, n)
+        plan.append((new_end - seq_len, seq_len, end - (new_end - seq_len)))
+        end = new_end
+    return plan
+
+
+def window_chunks(plan, chunk_tokens: int) -> list[int]:
+    """TTT chunk of each window: the chunk of its first scored position."""
+    return [(ws + lo) // chunk_tokens for ws, _, lo in plan]
+
+
+def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
+    """Non-overlapping training rows (start, length) covering positions [lo, hi)."""
+    return [(s, min(seq_len, hi - s)) for s in range(lo, hi, seq_len)]
+
+
+def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor, Tensor, int]:
+    """Which rows SLOT fits on: batch mode, every position but the last of every window, as the seed (one shared
+    delta: NOT causal);
+    causal mode, each window's last `context` positions before its first scored one (all if 0), one delta per
+    window. Returns (fit mask (B,T), group index per fitted row, number of groups)."""
+    pos = torch.arange(T, device=los.device)[None, :]
+    if mode == "batch":
+        mask = (pos < T - 1).expand(los.numel(), -1)
+        return mask, torch.zeros(int(mask.sum()), dtype=torch.long, device=los.device), 1
+    k = context or T
+    mask = (pos < los[:, None]) & (pos >= (los[:, None] - k))
+    group = torch.arange(los.numel(), device=los.device)[:, None].expand(-1, T)[mask]
+    return mask, group, los.numel()
+
+
+def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
+    """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
+
+    z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head),
+    y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared clipping.
+    Returns (n_groups, D) in z's dtype. Same update rule as torch.optim.AdamW. A step is elementwise work on row
+    blocks that stay in cache, with softcap(a) = 2c*sigmoid(2a/c) - c (the softmax drops the -c) and
+    softcap'(a) = 4s(1-s): sigmoid costs a fraction of tanh on CPUs. Each group's gradient is summed in row order,
+    so it does not depend on the other groups or on the block size."""
+    c, dt = cfg.logit_softcap, z.dtype
+    W = W.to(dt)
+    delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
+    R, V = z.shape
+    if R == 0 or cfg.slot_steps == 0:
+        return delta
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
+    scale = (4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt))[:, None]  # group mean; 4s(1-s)
+    nb = R if z.is_cuda else max(1, min(R, (1 << 19) // V))  # CPU: 2 MB blocks stay in cache; GPU: one launch
+    xb, pb = z.new_empty(nb, V), z.new_empty(nb, V)
+    cell = group * V + y  # (group, target) of each row in the flat (G*V) gradient
+    lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
+    for t in range(1, cfg.slot_steps + 1):
+        u = (delta @ W.T).mul_(2 / c)
+        g = torch.zeros(n_groups, V, dtype=dt, device=z.device)
+        for a in range(0, R, nb):
+            b = min(a + nb, R)
+            x, p, gr = xb[: b - a], pb[: b - a], group[a:b]
+            torch.index_select(u, 0, gr, out=x).add_(z[a:b], alpha=2 / c)
+            x.sigmoid_()  # s = sigmoid(2(z + W delta)/c)
+            torch.softmax(torch.mul(x, 2 * c, out=p), -1, out=p)
+            x.addcmul_(x, x, value=-1)  # s(1-s)
+            g.index_add_(0, gr, p.mul_(x))  # softmax part of d(CE)/d(z + W delta)
+            g.view(-1).index_add_(0, cell[a:b], x.gather(1, y[a:b, None]).squeeze(1), alpha=-1)  # one-hot part
+        g = g.mul_(scale) @ W
+        delta.mul_(1 - lr * cfg.slot_wd)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(cfg.slot_eps)
+        delta.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+    return delta
+
+
+def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
+                slot: bool) -> tuple[Tensor, dict]:
+    """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: fp64 NLL of scored rows}).
+    Variant "plain" is the model as is; "slot" adds the fitted delta (computed from the same hidden states)."""
+    B, T = x.shape
+    with torch.no_grad():
+        with amp_ctx(rt):
+            h = hidden_fn(x)
+        h = h if h.dtype == torch.float64 else h.float()  # fp32 head (bf16 trunk); a float64 model stays float64
+        W = model.head_weight().to(h.dtype)
+        scored = torch.arange(T, device=x.device)[None, :] >= los[:, None]
+        zs, ys = F.linear(h[scored], W), y[scored]  # model.raw_logits, without its cast to fp32
+        out = {"plain": F.cross_entropy(model.softcap(zs), ys, reduction="none").double()}
+        if slot:
+            fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
+            delta = fit_delta(F.linear(h[fit], W), y[fit], group, n_groups, W, cfg)
+            sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
+                torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
+            zd = torch.index_select(delta @ W.T, 0, sgroup).add_(zs)
+            zd.div_(model.cfg.logit_softcap).tanh_().mul_(model.cfg.logit_softcap)  # = model.softcap, in place
+            out["slot"] = F.cross_entropy(zd, ys, reduction="none").double()
+    return scored, out
+
+
+def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
+                    rt: Runtime) -> None:
+    """Train on positions [lo, hi) (all already scored): TTT_EPOCHS passes over non-overlapping rows split across
+    ranks, grads averaged over ranks, clipped, SGD."""
+    rows = ttt_rows(lo, hi, cfg.eval_seq_len)
+    a, b = shard_range(len(rows), rt.rank, rt.world_size)
+    mine = rows[a:b]
+    n_batches = max(-(-len(rows) // (cfg.ttt_batch_seqs * rt.world_size)), 1)  # equal on every rank
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    for _ in range(cfg.ttt_epochs):
+        for bi in range(n_batches):
+            part = mine[bi * cfg.ttt_batch_seqs: (bi + 1) * cfg.ttt_batch_seqs]
+            opt.zero_grad(set_to_none=False)
+            by_len: dict = {}
+            for s, n in part:
+                by_len.setdefault(n, []).append(s)
+            total = sum(n for _, n in part)
+            for n, starts in by_len.items():
+                xy = torch.stack([val.tokens[s: s + n + 1] for s in starts]).to(rt.device)
+                with amp_ctx(rt):
+                    loss = model(xy[:, :-1], xy[:, 1:])
+                (loss * (len(starts) * n / max(total, 1))).backward()
+            for p in params:  # average over ranks (ranks with no rows contribute zero)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if rt.world_size > 1:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                counts = torch.tensor([float(total)], device=rt.device)
+                all_reduce_(counts)
+                all_reduce_(flat.mul_(total / max(counts.item(), 1)))
+                off = 0
+                for p in params:
+                    p.grad.copy_(flat[off: off + p.numel()].view_as(p))
+                    off += p.numel()
+            for bank, k in frozen_banks:
+                bank.grad[k] = 0
+            if cfg.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+            opt.step()
+    model.eval()
+
+
+def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: int, stride: int, batch_seqs: int,
+              slot: bool, ttt: bool, collect: bool = False, log: Logger | None = None, label: str = "",
+              rank: int | None = None, world: int | None = None) -> dict:
+    """One left-to-right scoring pass. Without TTT: sliding windows. With TTT: the windows are grouped in chunks
+    of TTT_CHUNK_TOKENS; each chunk is scored first (inference mode), then trained on, except the last.
+    Returns {variant: {"nll", "tokens", "bytes", "loss", "bpb"}} (+ "nll_stream" per variant when collect)."""
+    rank = rt.rank if rank is None else rank
+    world = rt.world_size if world is None else world
+    tokens = val.tokens
+    n = tokens.numel() - 1
+    plan = window_plan(n, seq_len, stride)
+    C = cfg.ttt_chunk_tokens if ttt else max(n, 1)
+    n_chunks = -(-n // C)
+    by_chunk: list[list] = [[] for _ in range(n_chunks)]
+    for w, ch in zip(plan, window_chunks(plan, C)):
+        by_chunk[min(ch, n_chunks - 1)].append(w)
+    variants = ["plain"] + (["slot"] if slot else [])
+    ctw = cfg.ctw_weight > 0  # CTW_WEIGHT=0: nothing below is computed, no variant added (bit-identical)
+    if ctw:  # one causal CTW pass over the whole stream, indexed by the scored positions; adds ctw / slot_ctw
+        t_ctw = time.perf_counter()
+        ctw_lp = ctw_log_probs(tokens.to(rt.device), cfg.vocab_size, cfg.ctw_depth, cfg.ctw_alpha)
+        variants += [ctw_variant(v) for v in variants]
+        if log:
+            log(f"ctw: depth={cfg.ctw_depth} alpha={cfg.ctw_alpha or 1 / cfg.vocab_size:g} weight={cfg.ctw_weight} "
+                f"mix=linear(fixed) tokens={n} "
+                f"time={time.perf_counter() - t_ctw:.2f}s")
+    sums = torch.zeros(len(variants), 3, dtype=torch.float64)
+    streams = {v: torch.full((n,), float("nan"), dtype=torch.float64) for v in variants} if collect else None
+    hidden_fn = maybe_compile(model.forward_hidden, rt)
+    luts = val.luts.to(rt.device) if val.luts is not None else None
+    if ttt:
+        saved = copy.deepcopy(model.state_dict())
+        frozen = [f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)]
+        params = [p for name, p in model.named_parameters() if not any(name.startswith(f) for f in frozen)]
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(name.startswith(f) for f in frozen))
+        L = cfg.num_layers
+        frozen_banks = [(b, list(range(cfg.ttt_freeze_blocks)) + list(range(L, L + cfg.ttt_freeze_blocks)))
+                        for b in (model.qo_bank, model.kv_bank)] + \
+                       [(b, list(range(cfg.ttt_freeze_blocks))) for b in (model.mlp_up_bank, model.mlp_down_bank)]
+        frozen_banks = [(b, k) for b, k in frozen_banks if k]
+        opt = torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+        if log:
+            log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(plan)} stride={stride} "
+                f"ttt_lr={cfg.ttt_lr} ttt_epochs={cfg.ttt_epochs} freeze_blocks={cfg.ttt_freeze_blocks}")
+            n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + \
+                sum(len(k) * b[0].numel() for b, k in frozen_banks)
+            log(f"ttt_sliding:params unfrozen={count_params(model) - n_frozen} frozen={n_frozen}")
+    t0 = time.perf_counter()
+    model.eval()
+    for ci, wins in enumerate(by_chunk):
+        a, b = shard_range(len(wins), rank, world)
+        mine = wins[a:b]
+        for bi in range(0, len(mine), batch_seqs):
+            batch = mine[bi: bi + batch_seqs]
+            T = batch[0][1]
+            idx = torch.tensor([ws for ws, _, _ in batch])[:, None] + torch.arange(T + 1)[None, :]
+            xy = tokens[idx].to(rt.device)
+            x, y = xy[:, :-1], xy[:, 1:]
+            los = torch.tensor([lo for _, _, lo in batch], device=rt.device)
+            scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)
+            if ctw:  # idx[:, j] = ws + j: the stream index of target y[:, j]
+                lp = ctw_lp[idx[:, :-1].to(rt.device)[scored]]
+                nlls.update({ctw_variant(v): ctw_mix(nlls[v], lp, cfg.ctw_weight) for v in list(nlls)})
+            nbytes = luts.target_bytes(x[scored], y[scored]).sum().item() if luts is not None else 0
+            for vi, v in enumerate(variants):
+                sums[vi, 0] += nlls[v].sum().item()
+                sums[vi, 1] += nlls[v].numel()
+                sums[vi, 2] += nbytes
+                if collect:
+                    pos = (torch.tensor([ws for ws, _, _ in batch], device=rt.device)[:, None] +
+                           torch.arange(T, device=rt.device)[None, :])[scored]
+                    streams[v][pos.cpu()] = nlls[v].cpu()
+        if ttt and ci < n_chunks - 1:
+            lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+            ttt_train_chunk(model, opt, params, frozen_banks, val, ci * C, min((ci + 1) * C, n), lr, cfg, rt)
+        if ttt and log and (ci % 10 == 0 or ci == n_chunks - 1):
+            s = all_reduce_(sums.clone().to(rt.device)).cpu() if rt.world_size > 1 else sums
+            bpb = s[-1, 0] / math.log(2) / max(s[-1, 2].item(), 1)
+            log(f"  ttt_chunk [{ci + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
+    if ttt:
+        model.load_state_dict(saved)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if rt.world_size > 1:
+        sums = all_reduce_(sums.to(rt.device)).cpu()
+    out = {}
+    for vi, v in enumerate(variants):
+        nll, tok, nb = sums[vi].tolist()
+        loss = nll / max(tok, 1)
+        out[v] = {"nll": nll, "tokens": int(tok), "bytes": int(nb), "loss": loss,
+                  "bpb": nll / math.log(2) / nb if nb else float("nan")}
+        if collect:
+            out[v]["nll_stream"] = streams[v]
+    return out
+
+
+def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
+    """Non-overlapping TRAIN_SEQ_LEN rows, every target once (diagnostic and the roundtrip score)."""
+    rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
+    r = eval_pass(model, val, dataclasses.replace(cfg, ctw_weight=0.0), rt, seq_len=cfg.train_seq_len,
+                  stride=cfg.train_seq_len, batch_seqs=rows, slot=False, ttt=False)["plain"]
+    model.train()
+    return r["loss"], r["bpb"]
+
+
+def final_variant(cfg: Config) -> str:
+    v = "slot" if cfg.slot_enabled else "plain"
+    return ctw_variant(v) if cfg.ctw_weight > 0 else v
+
+
+def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
+    """NLL (float64) of every target tokens[1:], in stream order, by the final evaluation's code path (sliding
+    windows, TTT and SLOT as configured) on one process. The model's weights are left as they were."""
+    device = next(model.parameters()).device
+    amp = cfg.amp and (device.type == "cuda" or cpu_bf16_is_fast())  # as setup_runtime decides it
+    rt = Runtime(device=device, amp=amp, compile=False)
+    r = eval_pass(model, ValData(tokens.long().cpu(), None), cfg, rt, seq_len=cfg.eval_seq_len,
+                  stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled,
+                  ttt=cfg.ttt_enabled, collect=True)
+    return r[final_variant(cfg)]["nll_stream"]
+
+
+def stage_compliance(variant: str, cfg: Config) -> str:
+    """'causal' when every scored distribution depends only on the artifact and the strict prefix (C1-C4).
+    A CTW mixture (ctw, slot_ctw) is as causal as its base variant: the CTW model itself is causal."""
+    variant = "plain" if variant == "ctw" else variant.removesuffix("_ctw")
+    if variant == "slot" and cfg.slot_mode == "batch":
+        return "non-causal"
+    return "causal"
+
+
+def _sorted_groups(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable sort of keys: (order, first) where first[i] is the sorted index where sorted entry i's group starts.
+    Within a group the sorted entries are in stream order (stable), so i - first[i] = earlier occurrences."""
+    order = torch.argsort(keys, stable=True)
+    sk = keys[order]
+    idx = torch.arange(keys.numel(), device=keys.device)
+    start = torch.ones_like(sk, dtype=torch.bool)
+    start[1:] = sk[1:] != sk[:-1]
+    return order, torch.cummax(torch.where(start, idx, 0), 0).values
+
+
+def _earlier_count(keys: Tensor) -> Tensor:
+    """For each position t: the number of positions < t with the same key."""
+    order, first = _sorted_groups(keys)
+    out = torch.empty_like(keys)
+    out[order] = torch.arange(keys.numel(), device=keys.device) - first
+    return out
+
+
+def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
+    """For each position t: the sum of v over positions < t in t's group (segmented exclusive scan by doubling:
+    log2(largest group) vectorised steps, each sum accumulated within its own group only)."""
+    sv = v[order]
+    idx = torch.arange(v.numel(), device=v.device)
+    acc = torch.zeros_like(sv)
+    acc[1:] = sv[:-1]
+    acc = torch.where(idx > first, acc, torch.zeros_like(acc))  # e[i] = v[i-1] inside a group, 0 at its start
+    span, s = int((idx - first).max().item()) + 1, 1
+    while s < span:
+        sh = torch.zeros_like(acc)
+        sh[s:] = acc[:-s]
+        acc = acc + torch.where(idx - s >= first, sh, torch.zeros_like(sh))
+        s *= 2
+    out = torch.empty_like(v)
+    out[order] = acc
+    return out
+
+
+def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) -> Tensor:
+    """Context Tree Weighting over the token stream: float64 log p_ctw(tokens[t] | tokens[:t]) for t = 1..N.
+
+    Tree: the node of order j for target t is its previous j tokens (positions before the stream start read as a
+    pad symbol `vocab`, so every target has a full path of depth `depth`). Node ids are exact (no hashing, any
+    depth and vocab): id_j = rank of the pair (id_{j-1}, token j back) among all pairs, so id_j < N.
+    Each node predicts with a Dirichlet (add-alpha) estimator (n(s,y) + alpha) / (n(s) + vocab * alpha), counts
+    over EARLIER targets of the stream only; alpha = 1/2 is KT, alpha = 0 means 1/vocab (Perks: total prior mass
+    1, far sharper than KT on a 1024-token alphabet where a context seen once should already predict its
+    continuation). Weighting (CTW, multi-alphabet), with e_j the estimator at the order-j node: leaf p_D = e_D;
+    for j < D, p_j(y) = w_j e_j(y) + (1 - w_j) p_{j+1}(y) with w_j = beta_j / (1 + beta_j), log beta_j(s) = sum
+    over earlier targets through node s of log e_j(y) - log p_{j+1}(y) (beta = 1 for a fresh node): the weights
+    come from past data only. This is sequential CTW
+    (P_w = 1/2 P_e + 1/2 prod P_w(children)) exactly; every p_j is a convex mixture of normalised distributions,
+    so p_ctw = p_0 is normalised over the whole vocabulary. Vectorised: per order two stable sorts and a
+    segmented scan, no Python loop over tokens. Causal by construction: entry i (target tokens[i+1]) depends on
+    tokens[:i+1] only (its context, and counts and weights accumulated over the earlier targets)."""
+    s = tokens.long()
+    n, dev = s.numel() - 1, s.device
+    alpha = alpha or 1.0 / vocab
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.float64, device=dev)
+    y = s[1:]
+    padded = torch.cat([torch.full((depth,), vocab, dtype=torch.long, device=dev), s[:-1]])  # padded[depth+t] = s[t]
+    ctx = [torch.zeros(n, dtype=torch.long, device=dev)]
+    for j in range(1, depth + 1):  # token j back from target t (= s[t+1]) is s[t+1-j] = padded[depth + t + 1 - j]
+        sym = padded[depth + 1 - j: depth + 1 - j + n]
+        ctx.append(torch.unique(ctx[-1] * (vocab + 1) + sym, return_inverse=True)[1])
+    lp = None
+    while ctx:  # leaf (order depth) to root (order 0), one order's sorts alive at a time
+        c = ctx.pop()
+        order, first = _sorted_groups(c)
+        nc = torch.empty_like(c)
+        nc[order] = torch.arange(n, device=dev) - first
+        ny = _earlier_count(c * vocab + y)
+        log_kt = torch.log(ny.double() + alpha) - torch.log(nc.double() + vocab * alpha)
+        if lp is None:
+            lp = log_kt
+        else:
+            lb = _earlier_sum(order, first, log_kt - lp)
+            lp = torch.logaddexp(F.logsigmoid(lb) + log_kt, F.logsigmoid(-lb) + lp)
+    return lp
+
+
+def ctw_variant(v: str) -> str:
+    """Name of the CTW-mixed variant of a scoring variant: plain -> ctw, slot -> slot_ctw."""
+    return "ctw" if v == "plain" else v + "_ctw"
+
+
+def ctw_mix(nll: Tensor, ctw_lp: Tensor, w: float) -> Tensor:
+    """NLL under the linear mixture (1 - w) p_model + w p_ctw (fixed weight w = CTW_WEIGHT in (0, 1)); a convex
+    mix of two normalised distributions over the vocabulary is normalised. Computed stably in log space."""
+    return -torch.logaddexp(math.log1p(-w) - nll, math.log(w) + ctw_lp.to(nll.dtype))
+
+
+def estimate_eval_seconds(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> float:
+    """Extrapolate the sliding and TTT passes from one timed scoring batch (forward ~1/3 of a train step)."""
+    T = min(cfg.eval_seq_len, val.tokens.numel() - 1)
+    x = val.tokens[: cfg.eval_batch_seqs * T].view(-1, T)[: cfg.eval_batch_seqs].to(rt.device) \
+        if val.tokens.numel() > cfg.eval_batch_seqs * T else val.tokens[:T][None].to(rt.device)
+    los = torch.full((x.size(0),), max(T - cfg.eval_stride, 0), device=rt.device)
+    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)  # warm
+    sync(rt)
+    t = time.perf_counter()
+    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)
+    sync(rt)
+    per_token = (time.perf_counter() - t) / x.numel()
+    n = val.tokens.numel() - 1
+    windows = len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
+    scoring = windows * T * per_token / rt.world_size
+    ttt = scoring + 3 * cfg.ttt_epochs * n * per_token / rt.world_size if cfg.ttt_enabled else 0.0
+    return scoring + ttt
+
+
+# ---- main ----
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+
+
+def run(env: dict) -> dict:
+    cfg = Config.from_env(env)
+    rt = setup_runtime(cfg, env)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    run_id = cfg.run_id or str(uuid.uuid4())
+    out_dir = Path(cfg.out_dir)
+    loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
+    source = Path(__file__).read_bytes()  # the code that runs: measured once, before anyone can edit the file
+    log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
+    try:
+        return _run(cfg, rt, env, run_id, out_dir, loaded, source, log)
+    finally:
+        log.close()
+
+
+def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded, source: bytes, log: Logger) -> dict:
+    log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
+    log(source.decode("utf-8"), console=False)
+    log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
+        f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)}")
+    for w in env_warnings(env):
+        log(w)
+    log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))
+    luts = load_tokenizer_luts(cfg)
+    val = ValData(load_val_tokens(cfg), luts)
+    n_val = val.tokens.numel() - 1
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={cfg.tokenizer_path}")
+    log(f"val_loader:shards pattern={os.path.join(cfg.data_path, 'fineweb_val_*.bin')} tokens:{n_val}")
+    summary = {"run_id": run_id, "device": str(rt.device), "world_size": rt.world_size, "preset": cfg.preset,
+               "val_tokens": n_val, "stages": {}}
+    artifact_path = Path(cfg.load_artifact) if cfg.eval_only else out_dir / f"{run_id}.ptz"
+    if cfg.eval_only:
+        model, cfg = loaded
+        blob_len = artifact_path.stat().st_size
+        summary.update(steps=0, train_seconds=0.0, mode="eval_only", artifact=str(artifact_path))
+        log(f"eval_only: loaded {artifact_path} ({blob_len} bytes)")
+        model = model.to(rt.device)
+    else:
+        train_files = shard_files(cfg.data_path, "train")
+        if not train_files:
+            raise DataError(f"DATA_PATH {cfg.data_path} has no fineweb_train_*.bin shards: get the data (see README)")
+        for p in train_files:
+            read_shard_header(p)
+        log(f"train_loader:dataset:{Path(cfg.data_path).name} train_shards:{len(train_files)}")
+        model = GPT(cfg).to(rt.device)
+        accum = grad_accum_steps(cfg, rt.world_size)
+        log(f"model_params:{count_params(model)}")
+        log(f"XSA:last_{cfg.xsa_last_n} active_layers:{[i for i, b in enumerate(model.blocks) if b.xsa]}")
+        log(f"world_size:{rt.world_size} grad_accum_steps:{accum}")
+        log(f"attention_mode:gqa num_heads:{cfg.num_heads} num_kv_heads:{cfg.num_kv_heads}")
+        log(f"tie_embeddings:{cfg.tie_embeddings} embed_lr:{cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr} "
+            f"head_lr:{0.0 if cfg.tie_embeddings else cfg.head_lr} matrix_lr:{cfg.matrix_lr} scalar_lr:{cfg.scalar_lr}")
+        log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
+            f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
+        log(f"seed:{cfg.seed}")
+        summary.update(train(cfg, rt, model, val, log))
+        log(f"peak memory allocated: {peak_memory_mb(rt):.0f} MiB")
+        t = time.perf_counter()
+        vl, vb = evaluate_plain(model, val, cfg, rt)
+        log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t):.0f}ms")
+        summary["stages"]["post_ema"] = {"val_loss": vl, "val_bpb": vb, "seconds": time.perf_counter() - t,
+                                         "compliance": "causal"}
+        t = time.perf_counter()
+        target = cfg.artifact_target_bytes
+        blob, method, sizes, step = export_model(model.cpu(), cfg, max(target - len(source), 0) if target else 0)
+        if rt.is_main:
+            atomic_write(artifact_path, blob)
+        if rt.world_size > 1:
+            dist.barrier()
+        blob_len = len(blob)
+        log(f"Serialized model int6+{method}: {blob_len} bytes (candidates {sizes}) "
+            f"export_time:{1000 * (time.perf_counter() - t):.0f}ms artifact:{artifact_path}")
+        if step != 1.0:
+            log(f"artifact_fit: int6 step x{step:.4f} to fit ARTIFACT_TARGET_BYTES={target} "
+                f"(step 1: {sizes[method]} bytes of {method})")
+        summary.update(mode="train", artifact=str(artifact_path), compressor=method, int6_step=step)
+        model, _ = load_artifact(str(artifact_path), cfg)  # roundtrip: a fresh model from the written file
+        model = model.to(rt.device)
+    nbytes_code = len(source)
+    total = nbytes_code + blob_len
+    fits = total <= 16_000_000
+    log(f"Code size: {nbytes_code} bytes")
+    log(f"Total submission size int6: {total} bytes")
+    if not fits:
+        log(f"FAIL artifact_too_large total:{total} bytes > 16000000 (code {nbytes_code} + model {blob_len})")
+    summary.update(model_params=count_params(model), bytes_code=nbytes_code, bytes_model=blob_len,
+                   bytes_total=total, fits=fits, config={f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    est = estimate_eval_seconds(model, val, cfg, rt)
+    log(f"eval_budget:estimate_seconds:{est:.0f} limit:{cfg.eval_time_limit_seconds:.0f}")
+    if est > cfg.eval_time_limit_seconds:
+        log(f"WARNING: estimated eval time {est:.3g}s exceeds EVAL_TIME_LIMIT_SECONDS={cfg.eval_time_limit_seconds:g}"
+            " (to shrink it: raise EVAL_STRIDE, or disable TTT_ENABLED/SLOT_ENABLED)")
+    eval_t0 = time.perf_counter()
+
+    def record(name: str, r: dict, seconds: float, legacy: str | None, variant: str) -> None:
+        comp = stage_compliance(variant, cfg)
+        summary["stages"][name] = {"val_loss": r["loss"], "val_bpb": r["bpb"], "seconds": seconds,
+                                   "compliance": comp}
+        log(f"stage:{name} val_loss:{r['loss']:.4f} val_bpb:{r['bpb']:.4f} eval_time:{1000 * seconds:.0f}ms "
+            f"compliance:{comp}")
+        log(f"{name}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
+        if legacy:
+            log(f"{legacy} val_loss:{r['loss']:.4f} val_bpb:{r['bpb']:.4f} eval_time:{1000 * seconds:.0f}ms")
+            log(f"{legacy}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
+
+    t = time.perf_counter()
+    vl, vb = evaluate_plain(model, val, cfg, rt)
+    record("roundtrip", {"loss": vl, "bpb": vb}, time.perf_counter() - t, "final_int6_roundtrip", "plain")
+    passes = [("sliding", False, "final_int6_sliding_window")] + ([("ttt", True, "legal_ttt")] if cfg.ttt_enabled else [])
+    for name, ttt, legacy in passes:
+        t = time.perf_counter()
+        res = eval_pass(model, val, cfg, rt, seq_len=cfg.eval_seq_len, stride=cfg.eval_stride,
+                        batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled, ttt=ttt, log=log)
+        secs = time.perf_counter() - t
+        for v, r in res.items():
+            record(name if v == "plain" else f"{name}_{v}", r, secs, legacy if v == "plain" else None, v)
+    summary["eval_seconds"] = time.perf_counter() - eval_t0
+    last = list(summary["stages"])[-1]
+    summary["val_bpb"] = summary["stages"][last]["val_bpb"]
+    summary["val_loss"] = summary["stages"][last]["val_loss"]
+    summary["final_stage"] = last
+    compliant = [k for k, s in summary["stages"].items() if s["compliance"] == "causal" and k != "post_ema"]
+    summary["final_compliant_stage"] = compliant[-1] if compliant else None
+    summary["val_bpb_compliant"] = summary["stages"][compliant[-1]]["val_bpb"] if compliant else None
+    summary["val_bytes"] = res["plain"]["bytes"]
+    summary["peak_memory_mb"] = peak_memory_mb(rt)
+    log(f"final stage:{last} val_bpb:{summary['val_bpb']:.8f} compliance:{summary['stages'][last]['compliance']} "
+        f"eval_seconds:{summary['eval_seconds']:.1f} peak_memory_mb:{summary['peak_memory_mb']:.0f}")
+    if rt.is_main:
+        write_json(out_dir / f"{run_id}.json", summary)
+        log(f"summary:{out_dir / (run_id + '.json')}")
+        log("| stage | val_bpb | val_loss | seconds | compliance |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {k} | {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['seconds']:.1f} | {s['compliance']} |"
+            for k, s in summary["stages"].items()))
+    return summary
+
+
+def main(env=None) -> int:
+    env = dict(os.environ if env is None else env)
+    debug = env.get("DEBUG", "0") not in ("", "0")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run(env)
+        return 0
+    except UserError as e:
+        if debug:
+            raise
+        if env.get("RANK", "0") == "0":  # every rank hits the same user error: rank 0 reports it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        print(f"interrupted ({str(e) or 'SIGINT'}): stopped; no artifact or summary was written for the unfinished phase "
+              "(files are only ever renamed into place when complete)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
