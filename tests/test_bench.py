@@ -84,6 +84,10 @@ def test_bench_eval_tiny(tiny, tmp_path):
     assert all(r["plain_identical_to_off"] for r in res)  # SLOT and CTW never change the plain score of their pass
     ctw = next(r for r in res if r["spec"]["name"] == "sliding/ctw w=0.2")
     assert "ctw" in ctw["best"]["results"] and ctw["best"]["pairs"]
+    for r in res:  # each timed pair is (the pass alone, this row's configuration), nothing more
+        want = sorted(r["best"]["results"])
+        for p in (q for run in r["runs"] for q in run["pairs"]):
+            assert (p["off_variants"], p["variants"]) == (["plain"], want), r["spec"]["name"]
 
 
 def test_bench_size_matches_a_real_export(tg, tiny, tmp_path):

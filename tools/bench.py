@@ -258,9 +258,10 @@ def eval_worker(args) -> int:
     peak = max_rss_mb()  # the peak of this configuration alone (fresh process, first full pass)
     pairs = []  # then SLOT and CTW off and this configuration alternately, in this same process
     for _ in range(args.inner if spec["slot"] or spec.get("ctw") else 0):
-        _, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False, ctw_weight=0.0), False)
-        _, on_s, on_c = timed(cfg, True)
-        pairs.append(dict(off_seconds=off_s, off_cpu=off_c, seconds=on_s, cpu_seconds=on_c))
+        r_off, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False, ctw_weight=0.0), False)
+        r_on, on_s, on_c = timed(cfg, spec["slot"])  # exactly the first pass's configuration (a CTW row: no SLOT)
+        pairs.append(dict(off_seconds=off_s, off_cpu=off_c, seconds=on_s, cpu_seconds=on_c,
+                          off_variants=sorted(r_off), variants=sorted(r_on)))
     n = val.tokens.numel() - 1
     plan = tg.window_plan(n, cfg.eval_seq_len, cfg.eval_stride)
     batch = {}
