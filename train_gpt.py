@@ -7,7 +7,6 @@ Muon, EMA, int6 export) with score-first TTT and SLOT (seed-faithful `batch` and
 Every knob is an UPPERCASE env var mapped to one `Config` field; see README.md for the glossary and log API.
 """
 # ---- imports ----
-from __future__ import annotations
 
 import copy
 import dataclasses
@@ -178,7 +177,7 @@ class Config:
         for f in fields(cls):
             name = f.name.upper()
             if name in env and name != "PRESET":
-                values[f.name] = _parse_value(name, env[name], _TYPES[f.type])
+                values[f.name] = _parse_value(name, env[name], f.type)
         for name, (allowed, why) in RETIRED_VARS.items():
             if name in env and allowed is not None and env[name].strip() not in allowed:
                 raise UserError(f"{name}={env[name]!r} is not supported ({why}); allowed: {', '.join(allowed)}")
@@ -270,9 +269,6 @@ FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 _OUR_PREFIXES = ("SLOT_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
                  "BIGRAM_", "VE_", "ROPE_", "XSA_", "WARMUP_", "WARMDOWN_", "TIED_", "MATRIX_", "SCALAR_", "NUM_",
                  "MODEL_", "MLP_", "LOGIT_", "QK_", "LN_", "GRAD_", "HEAD_", "EMBED_", "MAX_", "LOAD_")
-
-
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
 
 
 def _parse_value(name: str, raw: str, typ):

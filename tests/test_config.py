@@ -117,11 +117,22 @@ def test_diff_from_defaults_is_a_run_command_that_rebuilds_the_config(tg):
         assert dataclasses.replace(again, preset=c.preset) == c
 
 
+def test_import_by_path_without_sys_modules():
+    """Loading the file by path (as a hook or a frozen record copy is loaded) works without registering it first."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("tg_by_path", Path(__file__).resolve().parent.parent / "train_gpt.py")
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    assert m.Config.from_env({"PRESET": "cpu"}).model_dim == 256
+
+
 def test_every_field_has_a_parseable_type_and_formats_back(tg):
     c = tg.Config.from_env({"PRESET": "cpu"})
     for f in dataclasses.fields(tg.Config):
         assert f.name == f.name.lower() and f.name.isidentifier()
-        typ = tg._TYPES[f.type]
+        typ = f.type
+        assert typ in (int, float, bool, str, tuple), f.name
         v = getattr(c, f.name)
         assert tg._parse_value(f.name.upper(), tg._format_value(v), typ) == v, f.name
 
