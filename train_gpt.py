@@ -1339,6 +1339,11 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def model_budget(cfg: Config, code_bytes: int) -> int:
+    """Model bytes allowed by ARTIFACT_TARGET_BYTES next to `code_bytes` of code (0: no limit, or none reachable)."""
+    return max(cfg.artifact_target_bytes - code_bytes, 0)
+
+
 def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, dict, float]:
     """Quantize and compress. Over `budget` model bytes (0: no limit), every int6 matrix moves to a grid `step`
     times coarser than its clip search chose, with one step for all: the step whose predicted size (the int6
@@ -1348,7 +1353,8 @@ def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, 
     arrays, meta = quantize_state(sd, cfg)
     arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
     blob, method, sizes = pack_artifact(arrays, meta, arch)
-    step, goal = 1.0, budget
+    step = prev = 1.0
+    goal = budget
     mats = {k: (w.detach().cpu(), torch.from_numpy(arrays[k + ".scale"])) for k, w in unbank(sd, cfg.num_layers).items()
             if meta[k]["kind"] == "int6"}
     for _ in range(4 if mats and budget else 0):
@@ -1363,11 +1369,12 @@ def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, 
         for k, (w, s) in mats.items():
             q, s2 = coarsen_rows(w, s, step)
             arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s2.numpy()
-        over = len(blob)
-        blob = pack_artifact(arrays, meta, arch, only=method)[0]
-        goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
-        if len(blob) >= over:
+        coarser = pack_artifact(arrays, meta, arch, only=method)[0]
+        if len(coarser) >= len(blob):  # no saving: keep the finer grid (the caller reports the misfit)
+            step = prev
             break
+        blob, prev = coarser, step
+        goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
     return blob, method, sizes, step
 
 
@@ -1862,7 +1869,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
                                          "compliance": "causal"}
         t = time.perf_counter()
         target = cfg.artifact_target_bytes
-        blob, method, sizes, step = export_model(model.cpu(), cfg, max(target - len(source), 0) if target else 0)
+        blob, method, sizes, step = export_model(model.cpu(), cfg, model_budget(cfg, len(source)))
         if rt.is_main:
             atomic_write(artifact_path, blob)
         if rt.world_size > 1:

@@ -422,7 +422,7 @@ def bench_size(args) -> int:
     code = len((ROOT / "train_gpt.py").read_bytes())
     target = cfg.artifact_target_bytes
     t0 = time.perf_counter()
-    blob, method, cands, step = tg.export_model(model, cfg, max(target - code, 0) if target else 0)
+    blob, method, cands, step = tg.export_model(model, cfg, tg.model_budget(cfg, code))
     secs = time.perf_counter() - t0
     total = code + len(blob)
     print(f"# bench size: PRESET={cfg.preset} init={args.init} seed={args.seed}; "
