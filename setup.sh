@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Sets up a fresh Debian machine with Python 3.11 (idempotent): the offline corpus packages, the Python
+# Sets up a fresh Debian machine with Python 3.11 (idempotent): the offline corpus packages, a C compiler, the Python
 # requirements (CPU torch pinned), and the offline dataset (data/datasets/offline_sp1024, ~15 s).
 set -euo pipefail
 cd "$(dirname "$0")"
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-if ! dpkg -s linux-doc-6.12 python3.11-doc >/dev/null 2>&1; then
-  $SUDO apt-get install -y --no-install-recommends linux-doc-6.12 python3.11-doc >/dev/null 2>&1 || {
-    $SUDO apt-get update >/dev/null && $SUDO apt-get install -y --no-install-recommends linux-doc-6.12 python3.11-doc >/dev/null; }
+PKGS="linux-doc-6.12 python3.11-doc gcc libc6-dev"  # gcc: SLOT's CPU kernel (SLOT_C) and torch.compile on CPU
+if ! dpkg -s $PKGS >/dev/null 2>&1; then
+  $SUDO apt-get install -y --no-install-recommends $PKGS >/dev/null 2>&1 || {
+    $SUDO apt-get update >/dev/null && $SUDO apt-get install -y --no-install-recommends $PKGS >/dev/null; }
 fi
 python3 -m pip install -q -r requirements.txt
 [ -f data/datasets/offline_sp1024/manifest.json ] && [ -f data/tokenizers/offline_1024_bpe.model ] || python3 data/prepare_offline.py

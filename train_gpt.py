@@ -9,6 +9,7 @@ Every knob is an UPPERCASE env var mapped to one `Config` field; see README.md f
 # ---- imports ----
 
 import copy
+import ctypes
 import dataclasses
 import difflib
 import glob
@@ -17,8 +18,11 @@ import json
 import lzma
 import math
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -401,6 +405,111 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 def maybe_compile(fn, rt: Runtime):
     return torch.compile(fn, dynamic=False) if rt.compile else fn
+
+
+# SLOT's per-step work on CPU: one fused C loop over the fitted logits instead of ~10 torch passes (slot.md 5.4).
+# Softcap is c*tanh(a/c) = c*(2*sigmoid(ka) - 1), k = 2/c. With P = exp(-kz) stored once per batch and Q = exp(-ku)
+# per step, sigmoid(k(z+u)) = 1/(1+P*Q): a step costs one exp per logit. Blocks of rows are fixed by the groups alone
+# and summed in order, so a group's gradient does not depend on the thread count or on the other groups.
+SLOT_C = r"""
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+static inline float fexp(float x) { /* exp(x) for x in [-87, 87], relative error ~2e-7 */
+  float n = floorf(x * 1.44269504f + 0.5f), r = x - n * 0.693145752f - n * 1.42860677e-6f;
+  float p = 1.f + r * (1.f + r * (.499992338f + r * (.166671148f + r * (.0418898548f + r * .00831238946f))));
+  int32_t i = ((int32_t)n + 127) << 23; float s; memcpy(&s, &i, 4); return p * s;
+}
+static inline float clamp80(float x) { return x > 80.f ? 80.f : (x < -80.f ? -80.f : x); }
+/* P = exp(-k z) in fp32, from a bf16 or fp32 z (a bf16 P would add its own rounding: 10x the bf16 z error) */
+void slot_prep(const void* z, int bf16, float* P, int64_t n, float k, int nth) {
+  #pragma omp parallel for simd num_threads(nth) schedule(static)
+  for (int64_t i = 0; i < n; i++) {
+    float v; if (bf16) { uint32_t b = (uint32_t)((const uint16_t*)z)[i] << 16; memcpy(&v, &b, 4); } else v = ((const float*)z)[i];
+    P[i] = fexp(clamp80(-k * v));
+  }
+}
+/* g[G,V] = sum over each group's rows r of w[group] * (softmax(z'_r) - onehot(y_r)) * s(1-s), z' = softcap(z + u) */
+void slot_grad(const float* P, const float* Q, const int64_t* y, const float* w, const int64_t* lo,
+               const int64_t* hi, const int64_t* tg, const int64_t* gptr, int64_t G, int64_t V, float c,
+               float* part, float* g, int nth) {
+  const int64_t T = gptr[G];
+  #pragma omp parallel num_threads(nth)
+  {
+    float* e = (float*)malloc(V * sizeof(float));
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < T; t++) {
+      float* p = part + t * V; const float* q = Q + tg[t] * V; const float wg = w[tg[t]];
+      memset(p, 0, V * sizeof(float));
+      for (int64_t r = lo[t]; r < hi[t]; r++) {
+        const float* pr = P + r * V; float tot = 0.f;
+        #pragma omp simd reduction(+:tot)
+        for (int64_t v = 0; v < V; v++) {
+          float s = 1.f / (1.f + fminf(pr[v] * q[v], 1e30f)), ev = fexp(2.f * c * (s - 1.f));
+          e[v] = ev * (s - s * s); tot += ev;
+        }
+        const float f = wg / tot; const int64_t j = y[r];
+        #pragma omp simd
+        for (int64_t v = 0; v < V; v++) p[v] += f * e[v];
+        const float s = 1.f / (1.f + fminf(pr[j] * q[j], 1e30f)); p[j] -= wg * (s - s * s);
+      }
+    }
+    free(e);
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < G; k++) {
+      float* o = g + k * V; memset(o, 0, V * sizeof(float));
+      for (int64_t t = gptr[k]; t < gptr[k + 1]; t++)
+        for (int64_t v = 0; v < V; v++) o[v] += part[t * V + v];
+    }
+  }
+}
+/* NLL of softcap(z_r + U[grp_r]) at y_r, per row (the scored rows of the SLOT variant) */
+void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t* y, int64_t R, int64_t V, float c,
+              float* out, int nth) {
+  const float k = 2.f / c;
+  #pragma omp parallel for num_threads(nth) schedule(static)
+  for (int64_t r = 0; r < R; r++) {
+    const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f;
+    #pragma omp simd reduction(+:tot)
+    for (int64_t v = 0; v < V; v++) tot += fexp(-2.f * c / (1.f + fexp(clamp80(k * (zr[v] + u[v])))));
+    const int64_t j = y[r];
+    out[r] = logf(tot) + 2.f * c / (1.f + fexp(clamp80(k * (zr[j] + u[j]))));
+  }
+}
+"""
+_slot_lib: list = []  # [the loaded library, or None], built on first use
+
+
+def slot_kernel():
+    """The compiled SLOT_C (system C compiler, OpenMP), or None where it cannot be built; callers then run the same
+    math in torch ops. Built once per process in a temporary directory, so nothing is cached on disk."""
+    if not _slot_lib:
+        lib, cc = None, os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc:
+            d = tempfile.mkdtemp(prefix="slot_c_")
+            try:
+                Path(d, "slot.c").write_text(SLOT_C)
+                for arch in (["-march=native"], []):
+                    r = subprocess.run([cc, "-O3", *arch, "-ffast-math", "-fopenmp", "-shared", "-fPIC", "slot.c",
+                                        "-o", "slot.so", "-lm"], cwd=d, capture_output=True)
+                    if r.returncode == 0:
+                        lib = ctypes.CDLL(str(Path(d, "slot.so")))
+                        P, I, F32, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+                        lib.slot_prep.argtypes = [P, C, P, I, F32, C]
+                        lib.slot_grad.argtypes = [P] * 8 + [I, I, F32, P, P, C]
+                        lib.slot_nll.argtypes = [P] * 4 + [I, I, F32, P, C]
+                        break
+            except OSError:
+                lib = None
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+        _slot_lib.append(lib)
+    return _slot_lib[0]
+
+
+def cptr(t: Tensor):
+    return ctypes.c_void_p(t.data_ptr())
 
 
 def peak_memory_mb(rt: Runtime) -> float:
@@ -1445,30 +1554,55 @@ def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor,
     return mask, group, los.numel()
 
 
-def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
+def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row blocks of the C kernel: each run of rows with one group, split every `block` rows from the run's start,
+    then ordered by group (stable). Returns (lo, hi, group of each block, gptr): group k's blocks are
+    gptr[k]:gptr[k+1]. The blocks of a group depend only on its own rows (slot_fit_rows gives each one run)."""
+    R = group.numel()
+    new_run = torch.ones(R, dtype=torch.bool)
+    new_run[1:] = group[1:] != group[:-1]
+    starts = torch.nonzero(new_run).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([R])])
+    n_blk = (ends - starts + block - 1) // block
+    run = torch.repeat_interleave(torch.arange(starts.numel()), n_blk)
+    first = torch.cumsum(n_blk, 0) - n_blk
+    lo = starts[run] + block * (torch.arange(run.numel()) - first[run])
+    hi = torch.minimum(lo + block, ends[run])
+    tg = group[starts][run]
+    order = torch.sort(tg, stable=True).indices
+    gptr = torch.zeros(n_groups + 1, dtype=torch.long)
+    gptr[1:] = torch.cumsum(torch.bincount(tg, minlength=n_groups), 0)
+    return lo[order].contiguous(), hi[order].contiguous(), tg[order].contiguous(), gptr
 
-    z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head),
-    y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared clipping.
-    Returns (n_groups, D) in z's dtype. Same update rule as torch.optim.AdamW. A step is elementwise work on row
-    blocks that stay in cache, with softcap(a) = 2c*sigmoid(2a/c) - c (the softmax drops the -c) and
-    softcap'(a) = 4s(1-s): sigmoid costs a fraction of tanh on CPUs. Each group's gradient is summed in row order,
-    so it does not depend on the other groups or on the block size."""
-    c, dt = cfg.logit_softcap, z.dtype
-    W = W.to(dt)
-    delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
+
+def slot_grad_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
+    """u (G,V) -> dL/du (G,V) through SLOT_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
     R, V = z.shape
-    if R == 0 or cfg.slot_steps == 0:
-        return delta
-    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
-    scale = (4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt))[:, None]  # group mean; 4s(1-s)
+    z, y, nth = z.contiguous(), y.contiguous(), torch.get_num_threads()
+    P = torch.empty(R, V)
+    lib.slot_prep(cptr(z), int(z.dtype == torch.bfloat16), cptr(P), R * V, 2 / c, nth)
+    lo, hi, tg, gptr = slot_tasks(group.cpu(), n_groups)
+    part = torch.empty(lo.numel(), V)
+
+    def grad(u: Tensor) -> Tensor:
+        Q, g = u.mul_(-2 / c).exp_().contiguous(), torch.empty(n_groups, V)
+        lib.slot_grad(cptr(P), cptr(Q), cptr(y), cptr(weight), cptr(lo), cptr(hi), cptr(tg), cptr(gptr), n_groups, V,
+                      c, cptr(part), cptr(g), nth)
+        return g
+    return grad
+
+
+def slot_grad_torch(z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
+    """The same map in torch ops (CUDA, float64, or no C compiler): elementwise work on row blocks that stay in
+    cache, with softcap(a) = 2c*sigmoid(2a/c) - c (the softmax drops the -c); each group summed in row order."""
+    R, V = z.shape
     nb = R if z.is_cuda else max(1, min(R, (1 << 19) // V))  # CPU: 2 MB blocks stay in cache; GPU: one launch
     xb, pb = z.new_empty(nb, V), z.new_empty(nb, V)
     cell = group * V + y  # (group, target) of each row in the flat (G*V) gradient
-    lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
-    for t in range(1, cfg.slot_steps + 1):
-        u = (delta @ W.T).mul_(2 / c)
-        g = torch.zeros(n_groups, V, dtype=dt, device=z.device)
+
+    def grad(u: Tensor) -> Tensor:
+        u.mul_(2 / c)
+        g = torch.zeros(n_groups, V, dtype=z.dtype, device=z.device)
         for a in range(0, R, nb):
             b = min(a + nb, R)
             x, p, gr = xb[: b - a], pb[: b - a], group[a:b]
@@ -1478,7 +1612,30 @@ def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg
             x.addcmul_(x, x, value=-1)  # s(1-s)
             g.index_add_(0, gr, p.mul_(x))  # softmax part of d(CE)/d(z + W delta)
             g.view(-1).index_add_(0, cell[a:b], x.gather(1, y[a:b, None]).squeeze(1), alpha=-1)  # one-hot part
-        g = g.mul_(scale) @ W
+        return g.mul_(weight[:, None])
+    return grad
+
+
+def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
+    """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
+
+    z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head; bf16 under
+    AMP), y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared
+    clipping. Returns (n_groups, D), fp32 for a bf16 z. Same update rule as torch.optim.AdamW. On CPU the gradient
+    runs in SLOT_C (slot_grad_c), else in torch ops (slot_grad_torch); both follow softcap'(a) = 4s(1-s)."""
+    dt = torch.float32 if z.dtype == torch.bfloat16 else z.dtype
+    W = W.to(dt)
+    delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
+    if z.size(0) == 0 or cfg.slot_steps == 0:
+        return delta
+    weight = 4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt)  # group mean; softcap' = 4s(1-s)
+    lib = slot_kernel() if z.device.type == "cpu" and dt == torch.float32 else None
+    grad = slot_grad_c(lib, z, y, group, n_groups, weight, cfg.logit_softcap) if lib else \
+        slot_grad_torch(z.to(dt), y, group, n_groups, weight, cfg.logit_softcap)
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)
+    lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
+    for t in range(1, cfg.slot_steps + 1):
+        g = grad(delta @ W.T) @ W
         delta.mul_(1 - lr * cfg.slot_wd)
         m.mul_(b1).add_(g, alpha=1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -1502,12 +1659,20 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
         out = {"plain": F.cross_entropy(model.softcap(zs), ys, reduction="none").double()}
         if slot:
             fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
-            delta = fit_delta(F.linear(h[fit], W), y[fit], group, n_groups, W, cfg)
+            zdt = torch.bfloat16 if rt.amp and h.dtype == torch.float32 else h.dtype  # fitted rows: bf16 under AMP
+            delta = fit_delta(F.linear(h.to(zdt)[fit], W.to(zdt)), y[fit], group, n_groups, W, cfg)
             sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
                 torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
-            zd = torch.index_select(delta @ W.T, 0, sgroup).add_(zs)
-            zd.div_(model.cfg.logit_softcap).tanh_().mul_(model.cfg.logit_softcap)  # = model.softcap, in place
-            out["slot"] = F.cross_entropy(zd, ys, reduction="none").double()
+            U, c = (delta @ W.T).contiguous(), model.cfg.logit_softcap
+            lib = slot_kernel() if zs.device.type == "cpu" and zs.dtype == torch.float32 else None
+            if lib:  # the scored rows stay fp32, as in "plain"
+                nll = torch.empty(ys.numel())
+                lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(ys), ys.numel(), zs.size(1), c, cptr(nll),
+                             torch.get_num_threads())
+            else:
+                zd = torch.index_select(U, 0, sgroup).add_(zs)
+                nll = F.cross_entropy(zd.div_(c).tanh_().mul_(c), ys, reduction="none")  # model.softcap, in place
+            out["slot"] = nll.double()
     return scored, out
 
 

@@ -468,3 +468,127 @@ def test_stage_compliance(tg, base):
         assert tg.stage_compliance("slot", cfg) == ("non-causal" if mode == "batch" else "causal")
     assert tg.final_variant(cfg_of(base, slot_enabled=True)) == "slot"
     assert tg.final_variant(base) == "plain"
+
+
+# ---- SLOT_C: the CPU kernel of the SLOT fit and score ----
+@pytest.fixture(scope="module")
+def lib(tg):
+    import shutil
+    k = tg.slot_kernel()
+    if k is None:
+        assert not shutil.which("cc") and not shutil.which("gcc"), "a C compiler is present but SLOT_C did not build"
+        pytest.skip("no C compiler: SLOT runs in torch ops")
+    return k
+
+
+@pytest.fixture(scope="module")
+def model32(tg, base, model):
+    m = tg.GPT(base)
+    m.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    return m.eval()
+
+
+def test_slot_tasks(tg):
+    group = torch.tensor([0] * 130 + [2] * 5 + [1] * 64)
+    lo, hi, tgr, gptr = tg.slot_tasks(group, 4)
+    assert gptr.tolist() == [0, 3, 4, 5, 5]  # group 3 has no rows, so no block
+    assert list(zip(lo.tolist(), hi.tolist(), tgr.tolist())) == [
+        (0, 64, 0), (64, 128, 0), (128, 130, 0), (135, 199, 1), (130, 135, 2)]
+
+
+def fit_problem32(R=(150, 0, 70, 9), V=100, D=24, seed=7):  # V not a multiple of the vector width
+    z, y, group, G, W = fit_problem(G=len(R), rows=R, D=D, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    z = 20 * torch.randn(group.numel(), V, generator=g)
+    y = torch.randint(0, V, (group.numel(),), generator=g)
+    return z, y, group, len(R), torch.randn(V, D, generator=g) / D ** 0.5
+
+
+@pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16])
+def test_slot_kernel_gradient_matches_torch(tg, lib, zdt):
+    z, y, group, G, W = fit_problem32()
+    z = z.to(zdt)
+    weight = 4.0 / torch.bincount(group, minlength=G).clamp_min(1).float()
+    u = 0.5 * torch.randn(G, z.size(1), generator=torch.Generator().manual_seed(1))
+    got = tg.slot_grad_c(lib, z, y, group, G, weight, 30.0)(u.clone())
+    want = tg.slot_grad_torch(z.float(), y, group, G, weight, 30.0)(u.clone())
+    assert want.abs().max() > 1e-3 and torch.equal(got[1], torch.zeros_like(got[1]))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+
+
+def test_fit_delta_kernel_matches_torch_path(tg, lib, base, monkeypatch):
+    cfg = cfg_of(base, slot_steps=6, slot_lr=0.05)
+    z, y, group, G, W = fit_problem32()
+    got = tg.fit_delta(z, y, group, G, W, cfg)
+    monkeypatch.setattr(tg, "slot_kernel", lambda: None)
+    want = tg.fit_delta(z, y, group, G, W, cfg)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_slot_kernel_groups_and_threads_do_not_interact(tg, lib, base):
+    """A group's delta does not depend on the other groups' rows or on the thread count (bit-exact), nor on being
+    fitted alone (to rounding: the small delta matmuls see another shape)."""
+    cfg = cfg_of(base, slot_steps=5, slot_lr=0.05)
+    z, y, group, G, W = fit_problem32()
+    ref = tg.fit_delta(z, y, group, G, W, cfg)
+    z2, y2 = z.clone(), y.clone()
+    z2[group == 2] += torch.randn_like(z2[group == 2])
+    y2[group == 2] = (y2[group == 2] + 1) % z.size(1)
+    new = tg.fit_delta(z2, y2, group, G, W, cfg)
+    others = torch.arange(G) != 2
+    assert torch.equal(new[others], ref[others]) and not torch.equal(new[2], ref[2])
+    alone = tg.fit_delta(z[group == 0], y[group == 0], torch.zeros(150, dtype=torch.long), 1, W, cfg)
+    torch.testing.assert_close(alone[0], ref[0], rtol=0, atol=1e-6)  # the (G,D)x(D,V) matmuls see another G
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(tg.fit_delta(z, y, group, G, W, cfg), ref)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("mode", ["causal", "batch"])
+def test_slot_kernel_score_matches_torch(tg, lib, model32, base, mode, monkeypatch):
+    cfg = cfg_of(base, slot_enabled=True, slot_mode=mode)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
+    los = torch.tensor([0, 24, 24, 8])
+    _, got = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
+    monkeypatch.setattr(tg, "slot_kernel", lambda: None)
+    _, want = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
+    assert torch.equal(got["plain"], want["plain"])
+    assert (want["slot"] - want["plain"]).abs().max() > 1e-3
+    torch.testing.assert_close(got["slot"], want["slot"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(slot_context=5), dict(ttt_enabled=True)])
+def test_slot_kernel_path_is_causal(tg, lib, model32, tokens, base, kw):
+    """The perturbation test over the fp32 model, whose SLOT runs in SLOT_C; batch mode is the positive control."""
+    assert leaks(tg, model32, tokens, cfg_of(base, slot_enabled=True, **kw)) == {u: 0 for u in PROBES}
+    assert sum(leaks(tg, model32, tokens, cfg_of(base, slot_enabled=True, slot_mode="batch", **kw)).values()) > 0
+
+
+def test_bf16_fit_logits_match_fp32(tg, lib, model32, base):
+    """Under AMP the fitted rows' logits are bf16 (slot.md 5.4 item 4): the delta they give scores like the fp32
+    one: the mean NLL to within 1% of SLOT's own effect on every window, each row to within 5%."""
+    cfg = cfg_of(base, slot_enabled=True, slot_steps=8, slot_lr=0.02)
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
+    los = torch.tensor([24, 24, 16, 8])
+    with torch.no_grad():
+        h = model32.forward_hidden(x)
+        W = model32.head_weight()
+        fit, group, G = tg.slot_fit_rows(los, 32, "causal", 0)
+        scored = torch.arange(32)[None, :] >= los[:, None]
+        sg = torch.arange(4)[:, None].expand(-1, 32)[scored]
+
+        def nll(delta):
+            return F.cross_entropy(model32.softcap(F.linear(h[scored], W) + (delta @ W.T)[sg]), y[scored],
+                                   reduction="none")
+        d32 = tg.fit_delta(F.linear(h[fit], W), y[fit], group, G, W, cfg)
+        d16 = tg.fit_delta(F.linear(h[fit].bfloat16(), W.bfloat16()), y[fit], group, G, W, cfg)
+        plain, a, b = nll(torch.zeros_like(d32)), nll(d32), nll(d16)
+    for w in range(4):
+        effect = (a[sg == w] - plain[sg == w]).abs().mean()
+        d = b[sg == w] - a[sg == w]
+        assert effect > 1e-3 and d.mean().abs() < 0.01 * effect and d.abs().mean() < 0.05 * effect
