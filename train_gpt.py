@@ -407,11 +407,12 @@ def maybe_compile(fn, rt: Runtime):
     return torch.compile(fn, dynamic=False) if rt.compile else fn
 
 
-# SLOT's per-step work on CPU: one fused C loop over the fitted logits instead of ~10 torch passes (slot.md 5.4).
-# Softcap is c*tanh(a/c) = c*(2*sigmoid(ka) - 1), k = 2/c. With P = exp(-kz) stored once per batch and Q = exp(-ku)
-# per step, sigmoid(k(z+u)) = 1/(1+P*Q): a step costs one exp per logit. Blocks of rows are fixed by the groups alone
+# CPU kernels in C for the softcapped head, where torch runs ~10 elementwise passes over (rows, V) logits: SLOT's fit
+# step and score (slot.md 5.4) and the training CE with its gradient (head_ce). Softcap is c*tanh(a/c) =
+# c*(2*sigmoid(ka) - 1), k = 2/c. With P = exp(-kz) stored once per batch and Q = exp(-ku) per step,
+# sigmoid(k(z+u)) = 1/(1+P*Q): a SLOT step costs one exp per logit. Blocks of rows are fixed by the groups alone
 # and summed in order, so a group's gradient does not depend on the thread count or on the other groups.
-SLOT_C = r"""
+KERNEL_C = r"""
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
@@ -426,8 +427,8 @@ static inline float clamp80(float x) { return x > 80.f ? 80.f : (x < -80.f ? -80
 void slot_prep(const void* z, int bf16, float* P, int64_t n, float k, int nth) {
   #pragma omp parallel for simd num_threads(nth) schedule(static)
   for (int64_t i = 0; i < n; i++) {
-    float v; if (bf16) { uint32_t b = (uint32_t)((const uint16_t*)z)[i] << 16; memcpy(&v, &b, 4); } else v = ((const float*)z)[i];
-    P[i] = fexp(clamp80(-k * v));
+    if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
+    P[i] = fexp(clamp80(-k * P[i]));
   }
 }
 /* g[G,V] = sum over each group's rows r of w[group] * (softmax(z'_r) - onehot(y_r)) * s(1-s), z' = softcap(z + u) */
@@ -464,6 +465,49 @@ void slot_grad(const float* P, const float* Q, const int64_t* y, const float* w,
     }
   }
 }
+static inline uint16_t fbf16(float v) { /* round to nearest even */
+  uint32_t b; memcpy(&b, &v, 4); return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+/* training loss: nll[r] = CE(softcap(z_r), y_r) and dz = scale * (softmax - onehot) * softcap'(z), in z's dtype */
+void head_ce(const void* z, int bf16, const int64_t* y, int64_t R, int64_t V, float c, float scale, void* dz,
+             float* nll, int nth) {
+  const float k = 2.f / c;
+  #pragma omp parallel num_threads(nth)
+  {
+    float* e = (float*)malloc(3 * V * sizeof(float)); float *sp = e + V, *ab = e + 2 * V;
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+      const float* a = (const float*)z + r * V; float tot = 0.f;
+      if (bf16) {
+        const uint16_t* zb = (const uint16_t*)z + r * V;
+        for (int64_t v = 0; v < V; v++) ((uint32_t*)ab)[v] = (uint32_t)zb[v] << 16;
+        a = ab;
+      }
+      #pragma omp simd reduction(+:tot)
+      for (int64_t v = 0; v < V; v++) {
+        float s = 1.f / (1.f + fexp(clamp80(-k * a[v]))), ev = fexp(2.f * c * (s - 1.f));
+        e[v] = ev; sp[v] = 4.f * s * (1.f - s); tot += ev;
+      }
+      const int64_t j = y[r]; const float f = scale / tot; int bad = 0;
+      nll[r] = logf(tot) - 2.f * c * (1.f / (1.f + fexp(clamp80(-k * a[j]))) - 1.f);
+      for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)a)[v] & 0x7f800000u) == 0x7f800000u;
+      if (bad) { const uint32_t qnan = 0x7fc00000u; memcpy(nll + r, &qnan, 4); } /* fast-math clamps hide inf/nan */
+      const float dj = f * e[j] * sp[j] - scale * sp[j];
+      if (bf16) {
+        uint16_t* d = (uint16_t*)dz + r * V;
+        #pragma omp simd
+        for (int64_t v = 0; v < V; v++) d[v] = fbf16(f * e[v] * sp[v]);
+        d[j] = fbf16(dj);
+      } else {
+        float* d = (float*)dz + r * V;
+        #pragma omp simd
+        for (int64_t v = 0; v < V; v++) d[v] = f * e[v] * sp[v];
+        d[j] = dj;
+      }
+    }
+    free(e);
+  }
+}
 /* NLL of softcap(z_r + U[grp_r]) at y_r, per row (the scored rows of the SLOT variant) */
 void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t* y, int64_t R, int64_t V, float c,
               float* out, int nth) {
@@ -481,24 +525,25 @@ void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t*
 _slot_lib: list = []  # [the loaded library, or None], built on first use
 
 
-def slot_kernel():
-    """The compiled SLOT_C (system C compiler, OpenMP), or None where it cannot be built; callers then run the same
+def cpu_kernel():
+    """The compiled KERNEL_C (system C compiler, OpenMP), or None where it cannot be built; callers then run the same
     math in torch ops. Built once per process in a temporary directory, so nothing is cached on disk."""
     if not _slot_lib:
         lib, cc = None, os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if cc:
-            d = tempfile.mkdtemp(prefix="slot_c_")
+            d = tempfile.mkdtemp(prefix="kernel_c_")
             try:
-                Path(d, "slot.c").write_text(SLOT_C)
+                Path(d, "k.c").write_text(KERNEL_C)
                 for arch in (["-march=native"], []):
-                    r = subprocess.run([cc, "-O3", *arch, "-ffast-math", "-fopenmp", "-shared", "-fPIC", "slot.c",
-                                        "-o", "slot.so", "-lm"], cwd=d, capture_output=True)
+                    r = subprocess.run([cc, "-O3", *arch, "-ffast-math", "-fno-strict-aliasing", "-fopenmp", "-shared",
+                                        "-fPIC", "k.c", "-o", "k.so", "-lm"], cwd=d, capture_output=True)
                     if r.returncode == 0:
-                        lib = ctypes.CDLL(str(Path(d, "slot.so")))
+                        lib = ctypes.CDLL(str(Path(d, "k.so")))
                         P, I, F32, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
                         lib.slot_prep.argtypes = [P, C, P, I, F32, C]
                         lib.slot_grad.argtypes = [P] * 8 + [I, I, F32, P, P, C]
                         lib.slot_nll.argtypes = [P] * 4 + [I, I, F32, P, C]
+                        lib.head_ce.argtypes = [P, C, P, I, I, F32, F32, P, P, C]
                         break
             except OSError:
                 lib = None
@@ -930,8 +975,39 @@ class GPT(nn.Module):
         return self.softcap(self.raw_logits(h))
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        logits = self.compute_logits(self.forward_hidden(ids))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        """Mean training CE. The head matmul runs in the autocast dtype (bf16, as the reference); the softcapped CE in
+        fp32, fused in C on CPU (softcap_ce)."""
+        z = F.linear(self.forward_hidden(ids), self.head_weight())
+        return softcap_ce(z.flatten(0, 1), targets.flatten(), self.cfg.logit_softcap)
+
+
+class SoftcapCE(torch.autograd.Function):
+    """Mean CE of softcap(z) through the C kernel: one pass gives the loss and dL/dz (saved, in z's dtype)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, y: Tensor, c: float, lib) -> Tensor:
+        z, y = z.contiguous(), y.contiguous()
+        R, V = z.shape
+        dz, nll = torch.empty_like(z), torch.empty(R)
+        lib.head_ce(cptr(z), int(z.dtype == torch.bfloat16), cptr(y), R, V, c, 1.0 / R, cptr(dz), cptr(nll),
+                    torch.get_num_threads())
+        ctx.save_for_backward(dz)
+        return (nll.sum(dtype=torch.float64) / R).float()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (dz,) = ctx.saved_tensors
+        return (dz if g.item() == 1 else dz * g.to(dz.dtype)), None, None, None
+
+
+def softcap_ce(z: Tensor, y: Tensor, c: float) -> Tensor:
+    """Mean CE of c*tanh(z/c) over rows (R,V): the C kernel on CPU in eager mode, else torch ops in fp32."""
+    lib = None
+    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():
+        lib = cpu_kernel()
+    if lib is None:
+        return F.cross_entropy(c * torch.tanh(z.float() / c), y)
+    return SoftcapCE.apply(z, y, c, lib)
 
 
 def count_params(model: nn.Module) -> int:
@@ -1576,7 +1652,7 @@ def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, T
 
 
 def slot_grad_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
-    """u (G,V) -> dL/du (G,V) through SLOT_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
+    """u (G,V) -> dL/du (G,V) through KERNEL_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
     R, V = z.shape
     z, y, nth = z.contiguous(), y.contiguous(), torch.get_num_threads()
     P = torch.empty(R, V)
@@ -1622,14 +1698,14 @@ def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg
     z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head; bf16 under
     AMP), y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared
     clipping. Returns (n_groups, D), fp32 for a bf16 z. Same update rule as torch.optim.AdamW. On CPU the gradient
-    runs in SLOT_C (slot_grad_c), else in torch ops (slot_grad_torch); both follow softcap'(a) = 4s(1-s)."""
+    runs in KERNEL_C (slot_grad_c), else in torch ops (slot_grad_torch); both follow softcap'(a) = 4s(1-s)."""
     dt = torch.float32 if z.dtype == torch.bfloat16 else z.dtype
     W = W.to(dt)
     delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
     if z.size(0) == 0 or cfg.slot_steps == 0:
         return delta
     weight = 4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt)  # group mean; softcap' = 4s(1-s)
-    lib = slot_kernel() if z.device.type == "cpu" and dt == torch.float32 else None
+    lib = cpu_kernel() if z.device.type == "cpu" and dt == torch.float32 else None
     grad = slot_grad_c(lib, z, y, group, n_groups, weight, cfg.logit_softcap) if lib else \
         slot_grad_torch(z.to(dt), y, group, n_groups, weight, cfg.logit_softcap)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -1664,7 +1740,7 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
             sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
                 torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
             U, c = (delta @ W.T).contiguous(), model.cfg.logit_softcap
-            lib = slot_kernel() if zs.device.type == "cpu" and zs.dtype == torch.float32 else None
+            lib = cpu_kernel() if zs.device.type == "cpu" and zs.dtype == torch.float32 else None
             if lib:  # the scored rows stay fp32, as in "plain"
                 nll = torch.empty(ys.numel())
                 lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(ys), ys.numel(), zs.size(1), c, cptr(nll),

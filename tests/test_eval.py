@@ -470,13 +470,13 @@ def test_stage_compliance(tg, base):
     assert tg.final_variant(base) == "plain"
 
 
-# ---- SLOT_C: the CPU kernel of the SLOT fit and score ----
+# ---- KERNEL_C: the CPU kernel of the SLOT fit and score ----
 @pytest.fixture(scope="module")
 def lib(tg):
     import shutil
-    k = tg.slot_kernel()
+    k = tg.cpu_kernel()
     if k is None:
-        assert not shutil.which("cc") and not shutil.which("gcc"), "a C compiler is present but SLOT_C did not build"
+        assert not shutil.which("cc") and not shutil.which("gcc"), "a C compiler is present but KERNEL_C did not build"
         pytest.skip("no C compiler: SLOT runs in torch ops")
     return k
 
@@ -505,7 +505,7 @@ def fit_problem32(R=(150, 0, 70, 9), V=100, D=24, seed=7):  # V not a multiple o
 
 
 @pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16])
-def test_slot_kernel_gradient_matches_torch(tg, lib, zdt):
+def test_cpu_kernel_gradient_matches_torch(tg, lib, zdt):
     z, y, group, G, W = fit_problem32()
     z = z.to(zdt)
     weight = 4.0 / torch.bincount(group, minlength=G).clamp_min(1).float()
@@ -520,13 +520,13 @@ def test_fit_delta_kernel_matches_torch_path(tg, lib, base, monkeypatch):
     cfg = cfg_of(base, slot_steps=6, slot_lr=0.05)
     z, y, group, G, W = fit_problem32()
     got = tg.fit_delta(z, y, group, G, W, cfg)
-    monkeypatch.setattr(tg, "slot_kernel", lambda: None)
+    monkeypatch.setattr(tg, "cpu_kernel", lambda: None)
     want = tg.fit_delta(z, y, group, G, W, cfg)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_slot_kernel_groups_and_threads_do_not_interact(tg, lib, base):
+def test_cpu_kernel_groups_and_threads_do_not_interact(tg, lib, base):
     """A group's delta does not depend on the other groups' rows or on the thread count (bit-exact), nor on being
     fitted alone (to rounding: the small delta matmuls see another shape)."""
     cfg = cfg_of(base, slot_steps=5, slot_lr=0.05)
@@ -548,13 +548,13 @@ def test_slot_kernel_groups_and_threads_do_not_interact(tg, lib, base):
 
 
 @pytest.mark.parametrize("mode", ["causal", "batch"])
-def test_slot_kernel_score_matches_torch(tg, lib, model32, base, mode, monkeypatch):
+def test_cpu_kernel_score_matches_torch(tg, lib, model32, base, mode, monkeypatch):
     cfg = cfg_of(base, slot_enabled=True, slot_mode=mode)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
     los = torch.tensor([0, 24, 24, 8])
     _, got = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
-    monkeypatch.setattr(tg, "slot_kernel", lambda: None)
+    monkeypatch.setattr(tg, "cpu_kernel", lambda: None)
     _, want = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
     assert torch.equal(got["plain"], want["plain"])
     assert (want["slot"] - want["plain"]).abs().max() > 1e-3
@@ -562,8 +562,8 @@ def test_slot_kernel_score_matches_torch(tg, lib, model32, base, mode, monkeypat
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(slot_context=5), dict(ttt_enabled=True)])
-def test_slot_kernel_path_is_causal(tg, lib, model32, tokens, base, kw):
-    """The perturbation test over the fp32 model, whose SLOT runs in SLOT_C; batch mode is the positive control."""
+def test_cpu_kernel_path_is_causal(tg, lib, model32, tokens, base, kw):
+    """The perturbation test over the fp32 model, whose SLOT runs in KERNEL_C; batch mode is the positive control."""
     assert leaks(tg, model32, tokens, cfg_of(base, slot_enabled=True, **kw)) == {u: 0 for u in PROBES}
     assert sum(leaks(tg, model32, tokens, cfg_of(base, slot_enabled=True, slot_mode="batch", **kw)).values()) > 0
 
