@@ -986,8 +986,10 @@ class SoftcapCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor, c: float, lib) -> Tensor:
-        z, y = z.contiguous(), y.contiguous()
+        z, y = z.contiguous(), y.long().contiguous()
         R, V = z.shape
+        if R and (int(y.min()) < 0 or int(y.max()) >= V):  # C would read out of bounds; torch raises instead
+            raise IndexError(f"target out of range [0, {V})")
         dz, nll = torch.empty_like(z), torch.empty(R)
         lib.head_ce(cptr(z), int(z.dtype == torch.bfloat16), cptr(y), R, V, c, 1.0 / R, cptr(dz), cptr(nll),
                     torch.get_num_threads())
@@ -1654,7 +1656,7 @@ def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, T
 def slot_grad_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
     """u (G,V) -> dL/du (G,V) through KERNEL_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
     R, V = z.shape
-    z, y, nth = z.contiguous(), y.contiguous(), torch.get_num_threads()
+    z, y, nth = z.contiguous(), y.long().contiguous(), torch.get_num_threads()  # y: checked token ids (< V)
     P = torch.empty(R, V)
     lib.slot_prep(cptr(z), int(z.dtype == torch.bfloat16), cptr(P), R * V, 2 / c, nth)
     lo, hi, tg, gptr = slot_tasks(group.cpu(), n_groups)
@@ -1742,8 +1744,8 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
             U, c = (delta @ W.T).contiguous(), model.cfg.logit_softcap
             lib = cpu_kernel() if zs.device.type == "cpu" and zs.dtype == torch.float32 else None
             if lib:  # the scored rows stay fp32, as in "plain"
-                nll = torch.empty(ys.numel())
-                lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(ys), ys.numel(), zs.size(1), c, cptr(nll),
+                nll, yl = torch.empty(ys.numel()), ys.long()
+                lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(yl), ys.numel(), zs.size(1), c, cptr(nll),
                              torch.get_num_threads())
             else:
                 zd = torch.index_select(U, 0, sgroup).add_(zs)
