@@ -126,6 +126,17 @@ def test_check_causality_random_tiny_all_modes(tools, monkeypatch, capsys):
     assert "PASS" in out
 
 
+@pytest.mark.parametrize("dtype", ["float32", "amp"])
+def test_check_causality_production_dtypes(tools, monkeypatch, capsys, dtype):
+    """--dtype float32 / amp: the CPU run's C kernels and autocast pass too, and batch mode still leaks."""
+    set_env(monkeypatch, SMALL_EVAL)
+    rc = tools["check_causality"].main(["--random-tiny", "--positions", "3", "--tokens", "200", "--data", "random",
+                                        "--dtype", dtype])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"; {dtype}, tol 0" in out, out
+    assert out.count("OK (no earlier NLL moved)") == 2 and "LEAKS (expected: labelled non-causal)" in out
+
+
 def test_check_causality_strict_fails_on_batch_leak(tools, monkeypatch, capsys):
     set_env(monkeypatch, SMALL_EVAL)
     rc = tools["check_causality"].main(["--random-tiny", "--positions", "2", "--tokens", "160", "--data", "random",

@@ -4,7 +4,8 @@ For each mode it scores a token stream with `train_gpt.score_stream` (the exact 
 sliding windows, score-first TTT and SLOT as the environment configures them), then, for each of --positions
 random positions u, replaces stream[u] by another token, rescores, and counts the targets before u whose NLL
 moved. A compliant evaluation (condition C1: a prediction depends only on the artifact and the strict prefix)
-moves none of them, not by a single bit: everything runs in float64 on the CPU, one thread, so "unchanged" means
+moves none of them, not by a single bit: everything runs on the CPU, one thread, in float64 by default (the logic, in
+torch ops) or with --dtype float32 / amp (the C kernels and bf16 autocast of a CPU run), so "unchanged" means
 identical. The modes are SLOT off, SLOT_MODE=batch (the seed, labelled non-causal: expected to leak) and
 SLOT_MODE=causal; every other eval setting (EVAL_SEQ_LEN, EVAL_STRIDE, EVAL_BATCH_SEQS, TTT_*, SLOT_LR, ...)
 comes from the environment exactly as train_gpt.py reads it.
@@ -121,9 +122,10 @@ def build_model(args, cfg):
         cfg = tiny_config(cfg)
         model = random_tiny_model(cfg, args.seed)
         what = "random tiny model"
-    cfg = dataclasses.replace(cfg, amp=False, compile=False)
+    cfg = dataclasses.replace(cfg, amp=args.dtype == "amp", compile=False)
     what += f" ({cfg.num_layers}x{cfg.model_dim}, {tg.count_params(model):,} params)"
-    return model.double().cpu().eval(), cfg, what
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    return model.to(dtype).cpu().eval(), cfg, what
 
 
 def main(argv=None) -> int:
@@ -142,6 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="positions, replacement tokens, random model/stream")
     ap.add_argument("--tol", type=float, default=0.0, help="|dNLL| that counts as moved (default 0: any bit)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--dtype", choices=("float64", "float32", "amp"), default="float64",
+                    help="float64 (default: the logic, in torch ops), float32 (the CPU run's SLOT and loss kernels) "
+                         "or amp (float32 + bf16 autocast where this CPU runs it fast: the CPU run's exact path)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any requested mode leaks, batch included")
     args = ap.parse_args(argv)
     try:
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
              if cfg.ttt_enabled else "")
           + f" SLOT_LR={cfg.slot_lr} SLOT_STEPS={cfg.slot_steps} SLOT_CONTEXT={cfg.slot_context}"
           + (f" CTW_WEIGHT={cfg.ctw_weight}" if getattr(cfg, "ctw_weight", 0) else "")
-          + f"; float64, tol {args.tol:g}")
+          + f"; {args.dtype}, tol {args.tol:g}")
     for note in setup_notes(cfg, n, modes):
         print(note)
     print(f"{'mode':<7} {'label':<11} {'moved/checked earlier targets':>30} {'leaky perturbations':>20} "
