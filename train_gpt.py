@@ -417,18 +417,31 @@ KERNEL_C = r"""
 #include <string.h>
 #include <stdlib.h>
 #include <math.h>
-static inline float fexp(float x) { /* exp(x) for x in [-87, 87], relative error ~2e-7 */
-  float n = floorf(x * 1.44269504f + 0.5f), r = x - n * 0.693145752f - n * 1.42860677e-6f;
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h> /* flush-to-zero and denormals-are-zero inside the kernels only: e*s(1-s) underflows */
+#define FTZ_ON const unsigned int csr_ = _mm_getcsr(); _mm_setcsr(csr_ | 0x8040);
+#define FTZ_OFF _mm_setcsr(csr_);
+#else
+#define FTZ_ON
+#define FTZ_OFF
+#endif
+static inline float fexp(float x) { /* exp(x), relative error ~2e-7; 0 below e^-87 (fexp(-inf) = 0) */
+  x = fmaxf(x, -87.f); float n = floorf(x * 1.44269504f + 0.5f), r = x - n * 0.693145752f - n * 1.42860677e-6f;
   float p = 1.f + r * (1.f + r * (.499992338f + r * (.166671148f + r * (.0418898548f + r * .00831238946f))));
   int32_t i = ((int32_t)n + 127) << 23; float s; memcpy(&s, &i, 4); return p * s;
 }
 static inline float clamp80(float x) { return x > 80.f ? 80.f : (x < -80.f ? -80.f : x); }
 /* P = exp(-k z) in fp32, from a bf16 or fp32 z (a bf16 P would add its own rounding: 10x the bf16 z error) */
 void slot_prep(const void* z, int bf16, float* P, int64_t n, float k, int nth) {
-  #pragma omp parallel for simd num_threads(nth) schedule(static)
-  for (int64_t i = 0; i < n; i++) {
-    if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
-    P[i] = fexp(clamp80(-k * P[i]));
+  #pragma omp parallel num_threads(nth)
+  {
+    FTZ_ON
+    #pragma omp for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+      if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
+      P[i] = fexp(clamp80(-k * P[i]));
+    }
+    FTZ_OFF
   }
 }
 /* g[G,V] = sum over each group's rows r of w[group] * (softmax(z'_r) - onehot(y_r)) * s(1-s), z' = softcap(z + u) */
@@ -438,6 +451,7 @@ void slot_grad(const float* P, const float* Q, const int64_t* y, const float* w,
   const int64_t T = gptr[G];
   #pragma omp parallel num_threads(nth)
   {
+    FTZ_ON
     float* e = (float*)malloc(V * sizeof(float));
     #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < T; t++) {
@@ -457,6 +471,7 @@ void slot_grad(const float* P, const float* Q, const int64_t* y, const float* w,
       }
     }
     free(e);
+    FTZ_OFF
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < G; k++) {
       float* o = g + k * V; memset(o, 0, V * sizeof(float));
@@ -474,6 +489,7 @@ void head_ce(const void* z, int bf16, const int64_t* y, int64_t R, int64_t V, fl
   const float k = 2.f / c;
   #pragma omp parallel num_threads(nth)
   {
+    FTZ_ON
     float* e = (float*)malloc(3 * V * sizeof(float)); float *sp = e + V, *ab = e + 2 * V;
     #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; r++) {
@@ -506,37 +522,49 @@ void head_ce(const void* z, int bf16, const int64_t* y, int64_t R, int64_t V, fl
       }
     }
     free(e);
+    FTZ_OFF
   }
 }
 /* NLL of softcap(z_r + U[grp_r]) at y_r, per row (the scored rows of the SLOT variant) */
 void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t* y, int64_t R, int64_t V, float c,
               float* out, int nth) {
   const float k = 2.f / c;
-  #pragma omp parallel for num_threads(nth) schedule(static)
+  #pragma omp parallel num_threads(nth)
+  {
+  FTZ_ON
+  #pragma omp for schedule(static)
   for (int64_t r = 0; r < R; r++) {
     const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f;
     #pragma omp simd reduction(+:tot)
     for (int64_t v = 0; v < V; v++) tot += fexp(-2.f * c / (1.f + fexp(clamp80(k * (zr[v] + u[v])))));
-    const int64_t j = y[r];
+    const int64_t j = y[r]; int bad = 0;
     out[r] = logf(tot) + 2.f * c / (1.f + fexp(clamp80(k * (zr[j] + u[j]))));
+    for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)zr)[v] & 0x7f800000u) == 0x7f800000u;
+    if (bad) { const uint32_t qnan = 0x7fc00000u; memcpy(out + r, &qnan, 4); }
+  }
+  FTZ_OFF
   }
 }
 """
-_slot_lib: list = []  # [the loaded library, or None], built on first use
+_kernel_lib: list = []  # [the loaded library, or None], built on first use
 
 
 def cpu_kernel():
     """The compiled KERNEL_C (system C compiler, OpenMP), or None where it cannot be built; callers then run the same
     math in torch ops. Built once per process in a temporary directory, so nothing is cached on disk."""
-    if not _slot_lib:
-        lib, cc = None, os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not _kernel_lib:
+        lib, cc = None, shutil.which("cc") or shutil.which("gcc")
         if cc:
             d = tempfile.mkdtemp(prefix="kernel_c_")
             try:
                 Path(d, "k.c").write_text(KERNEL_C)
-                for arch in (["-march=native"], []):
-                    r = subprocess.run([cc, "-O3", *arch, "-ffast-math", "-fno-strict-aliasing", "-fopenmp", "-shared",
-                                        "-fPIC", "k.c", "-o", "k.so", "-lm"], cwd=d, capture_output=True)
+                for arch in (["-march=native"], []):  # link without -ffast-math: its crtfastmath.o would turn on
+                    # flush-to-zero for the whole process when the library loads
+                    r = subprocess.run([cc, "-O3", *arch, "-ffast-math", "-fno-strict-aliasing", "-fopenmp", "-fPIC",
+                                        "-c", "k.c", "-o", "k.o"], cwd=d, capture_output=True, timeout=120)
+                    if r.returncode == 0:
+                        r = subprocess.run([cc, "-shared", "-fopenmp", "k.o", "-o", "k.so", "-lm"], cwd=d,
+                                           capture_output=True, timeout=120)
                     if r.returncode == 0:
                         lib = ctypes.CDLL(str(Path(d, "k.so")))
                         P, I, F32, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -545,12 +573,12 @@ def cpu_kernel():
                         lib.slot_nll.argtypes = [P] * 4 + [I, I, F32, P, C]
                         lib.head_ce.argtypes = [P, C, P, I, I, F32, F32, P, P, C]
                         break
-            except OSError:
+            except (OSError, subprocess.TimeoutExpired):
                 lib = None
             finally:
                 shutil.rmtree(d, ignore_errors=True)
-        _slot_lib.append(lib)
-    return _slot_lib[0]
+        _kernel_lib.append(lib)
+    return _kernel_lib[0]
 
 
 def cptr(t: Tensor):
@@ -999,7 +1027,7 @@ class SoftcapCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (dz,) = ctx.saved_tensors
-        return (dz if g.item() == 1 else dz * g.to(dz.dtype)), None, None, None
+        return (dz if g.item() == 1 else (dz.float() * g).to(dz.dtype)), None, None, None
 
 
 def softcap_ce(z: Tensor, y: Tensor, c: float) -> Tensor:
@@ -1656,7 +1684,9 @@ def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, T
 def slot_grad_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
     """u (G,V) -> dL/du (G,V) through KERNEL_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
     R, V = z.shape
-    z, y, nth = z.contiguous(), y.long().contiguous(), torch.get_num_threads()  # y: checked token ids (< V)
+    z, y, nth = z.contiguous(), y.long().contiguous(), torch.get_num_threads()
+    if R and (int(y.min()) < 0 or int(y.max()) >= V):  # C would read out of bounds; torch raises instead
+        raise IndexError(f"target out of range [0, {V})")
     P = torch.empty(R, V)
     lib.slot_prep(cptr(z), int(z.dtype == torch.bfloat16), cptr(P), R * V, 2 / c, nth)
     lo, hi, tg, gptr = slot_tasks(group.cpu(), n_groups)
@@ -1739,12 +1769,12 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
             fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
             zdt = torch.bfloat16 if rt.amp and h.dtype == torch.float32 else h.dtype  # fitted rows: bf16 under AMP
             delta = fit_delta(F.linear(h.to(zdt)[fit], W.to(zdt)), y[fit], group, n_groups, W, cfg)
-            sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
+            sgroup = torch.zeros(ys.numel(), dtype=torch.long, device=x.device) if cfg.slot_mode == "batch" else \
                 torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
             U, c = (delta @ W.T).contiguous(), model.cfg.logit_softcap
             lib = cpu_kernel() if zs.device.type == "cpu" and zs.dtype == torch.float32 else None
             if lib:  # the scored rows stay fp32, as in "plain"
-                nll, yl = torch.empty(ys.numel()), ys.long()
+                nll, yl = torch.empty(ys.numel()), ys.long().contiguous()
                 lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(yl), ys.numel(), zs.size(1), c, cptr(nll),
                              torch.get_num_threads())
             else:
@@ -2067,7 +2097,8 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
     log(source.decode("utf-8"), console=False)
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
-        f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)}")
+        f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)} "
+        f"cpu_kernel:{int(rt.device.type == 'cpu' and cpu_kernel() is not None)}")
     for w in env_warnings(env):
         log(w)
     log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))

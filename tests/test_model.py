@@ -311,3 +311,13 @@ def test_softcap_ce_kernel_propagates_nonfinite(tg):
         z[2, 7] = bad
         for dt in (torch.float32, torch.bfloat16):
             assert tg.softcap_ce(z.to(dt), torch.zeros(4, dtype=torch.long), 30.0).isnan()
+
+
+def test_cpu_kernel_leaves_denormals_alone(tg):
+    """Loading and running the C kernels must not switch the process to flush-to-zero (-ffast-math's crtfastmath
+    would, at load): torch's own ops keep IEEE denormals."""
+    if tg.cpu_kernel() is None:
+        pytest.skip("no C compiler")
+    z = torch.randn(64, 40, requires_grad=True)
+    tg.softcap_ce(z, torch.zeros(64, dtype=torch.long), 30.0).backward()
+    assert (torch.tensor([1e-39]) * 1.0).item() > 0
