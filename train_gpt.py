@@ -433,6 +433,11 @@ static inline float fexp(float x) { /* exp(x), relative error ~2e-7; 0 below e^-
   int32_t i = ((int32_t)n + 127) << 23; float s; memcpy(&s, &i, 4); return p * s;
 }
 static inline float clamp80(float x) { return x > 80.f ? 80.f : (x < -80.f ? -80.f : x); }
+static inline void nan_if_nonfinite(const float* a, int64_t V, float* out) { /* fast-math clamps hide inf/nan */
+  int bad = 0; const uint32_t qnan = 0x7fc00000u;
+  for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)a)[v] & 0x7f800000u) == 0x7f800000u;
+  if (bad) memcpy(out, &qnan, 4);
+}
 /* P = exp(-k z) in fp32, from a bf16 or fp32 z (a bf16 P would add its own rounding: 10x the bf16 z error) */
 void slot_prep(const void* z, int bf16, float* P, int64_t n, float k, int nth) {
   #pragma omp parallel num_threads(nth)
@@ -506,10 +511,9 @@ void head_ce(const void* z, int bf16, const int64_t* y, int64_t R, int64_t V, fl
         float s = 1.f / (1.f + fexp(clamp80(-k * a[v]))), ev = fexp(2.f * c * (s - 1.f));
         e[v] = ev; sp[v] = 4.f * s * (1.f - s); tot += ev;
       }
-      const int64_t j = y[r]; const float f = scale / tot; int bad = 0;
+      const int64_t j = y[r]; const float f = scale / tot;
       nll[r] = logf(tot) - 2.f * c * (1.f / (1.f + fexp(clamp80(-k * a[j]))) - 1.f);
-      for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)a)[v] & 0x7f800000u) == 0x7f800000u;
-      if (bad) { const uint32_t qnan = 0x7fc00000u; memcpy(nll + r, &qnan, 4); } /* fast-math clamps hide inf/nan */
+      nan_if_nonfinite(a, V, nll + r);
       const float dj = f * e[j] * sp[j] - scale * sp[j];
       if (bf16) {
         uint16_t* d = (uint16_t*)dz + r * V;
@@ -539,10 +543,9 @@ void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t*
     const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f;
     #pragma omp simd reduction(+:tot)
     for (int64_t v = 0; v < V; v++) tot += fexp(-2.f * c / (1.f + fexp(clamp80(k * (zr[v] + u[v])))));
-    const int64_t j = y[r]; int bad = 0;
+    const int64_t j = y[r];
     out[r] = logf(tot) + 2.f * c / (1.f + fexp(clamp80(k * (zr[j] + u[j]))));
-    for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)zr)[v] & 0x7f800000u) == 0x7f800000u;
-    if (bad) { const uint32_t qnan = 0x7fc00000u; memcpy(out + r, &qnan, 4); }
+    nan_if_nonfinite(zr, V, out + r);
   }
   FTZ_OFF
   }
@@ -585,6 +588,21 @@ def cpu_kernel():
 
 def cptr(t: Tensor):
     return ctypes.c_void_p(t.data_ptr())
+
+
+def kernel_for(t: Tensor, dtypes=(torch.float32, torch.bfloat16)):
+    """The C kernels for tensor t, or None: CPU, an fp32/bf16 dtype, eager mode (under torch.compile: torch ops)."""
+    if t.device.type == "cpu" and t.dtype in dtypes and not torch.compiler.is_compiling():
+        return cpu_kernel()
+    return None
+
+
+def kernel_targets(y: Tensor, V: int) -> Tensor:
+    """Targets as the C kernels read them (contiguous int64), checked: C would read out of bounds, torch raises."""
+    y = y.long().contiguous()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
+        raise IndexError(f"target out of range [0, {V})")
+    return y
 
 
 def peak_memory_mb(rt: Runtime) -> float:
@@ -1016,10 +1034,8 @@ class SoftcapCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor, c: float, lib) -> Tensor:
-        z, y = z.contiguous(), y.long().contiguous()
         R, V = z.shape
-        if R and (int(y.min()) < 0 or int(y.max()) >= V):  # C would read out of bounds; torch raises instead
-            raise IndexError(f"target out of range [0, {V})")
+        z, y = z.contiguous(), kernel_targets(y, V)
         dz, nll = torch.empty_like(z), torch.empty(R)
         lib.head_ce(cptr(z), int(z.dtype == torch.bfloat16), cptr(y), R, V, c, 1.0 / R, cptr(dz), cptr(nll),
                     torch.get_num_threads())
@@ -1034,9 +1050,7 @@ class SoftcapCE(torch.autograd.Function):
 
 def softcap_ce(z: Tensor, y: Tensor, c: float) -> Tensor:
     """Mean CE of c*tanh(z/c) over rows (R,V): the C kernel on CPU in eager mode, else torch ops in fp32."""
-    lib = None
-    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():
-        lib = cpu_kernel()
+    lib = kernel_for(z)
     if lib is None:
         return F.cross_entropy(c * torch.tanh(z.float() / c), y)
     return SoftcapCE.apply(z, y, c, lib)
@@ -1686,9 +1700,7 @@ def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, T
 def slot_grad_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
     """u (G,V) -> dL/du (G,V) through KERNEL_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
     R, V = z.shape
-    z, y, nth = z.contiguous(), y.long().contiguous(), torch.get_num_threads()
-    if R and (int(y.min()) < 0 or int(y.max()) >= V):  # C would read out of bounds; torch raises instead
-        raise IndexError(f"target out of range [0, {V})")
+    z, y, nth = z.contiguous(), kernel_targets(y, V), torch.get_num_threads()
     P = torch.empty(R, V)
     lib.slot_prep(cptr(z), int(z.dtype == torch.bfloat16), cptr(P), R * V, 2 / c, nth)
     lo, hi, tg, gptr = slot_tasks(group.cpu(), n_groups)
@@ -1739,7 +1751,7 @@ def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg
     if z.size(0) == 0 or cfg.slot_steps == 0:
         return delta
     weight = 4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt)  # group mean; softcap' = 4s(1-s)
-    lib = cpu_kernel() if z.device.type == "cpu" and dt == torch.float32 else None
+    lib = kernel_for(z)
     grad = slot_grad_c(lib, z, y, group, n_groups, weight, cfg.logit_softcap) if lib else \
         slot_grad_torch(z.to(dt), y, group, n_groups, weight, cfg.logit_softcap)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -1774,9 +1786,9 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
             sgroup = torch.zeros(ys.numel(), dtype=torch.long, device=x.device) if cfg.slot_mode == "batch" else \
                 torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
             U, c = (delta @ W.T).contiguous(), model.cfg.logit_softcap
-            lib = cpu_kernel() if zs.device.type == "cpu" and zs.dtype == torch.float32 else None
+            lib = kernel_for(zs, (torch.float32,))
             if lib:  # the scored rows stay fp32, as in "plain"
-                nll, yl = torch.empty(ys.numel()), ys.long().contiguous()
+                nll, yl = torch.empty(ys.numel()), kernel_targets(ys, zs.size(1))
                 lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(yl), ys.numel(), zs.size(1), c, cptr(nll),
                              torch.get_num_threads())
             else:
