@@ -438,54 +438,133 @@ static inline void nan_if_nonfinite(const float* a, int64_t V, float* out) { /* 
   for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)a)[v] & 0x7f800000u) == 0x7f800000u;
   if (bad) memcpy(out, &qnan, 4);
 }
-/* P = exp(-k z) in fp32, from a bf16 or fp32 z (a bf16 P would add its own rounding: 10x the bf16 z error) */
-void slot_prep(const void* z, int bf16, float* P, int64_t n, float k, int nth) {
-  #pragma omp parallel num_threads(nth)
-  {
-    FTZ_ON
-    #pragma omp for simd schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-      if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
-      P[i] = fexp(clamp80(-k * P[i]));
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __m512 vexp2(__m512 t) { /* 2^t = 2^n p(t - n), n = round(t): fexp's polynomial in base 2 */
+  __m512 n = _mm512_roundscale_ps(t, 0), r = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(.00133000474f), _mm512_set1_ps(.00966964876f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.0555056011f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.240222826f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.693147181f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+typedef float vf __attribute__((vector_size(64))); /* 16 floats: one zmm with AVX-512, else gcc splits it */
+typedef float vfu __attribute__((vector_size(64), aligned(4)));
+/* o[i][0:64] = sum over k < K, in order, of a[i*lda + k] * B[k*ldb + 0:64], for i < 4: the delta matmuls' tile */
+static void tile(const float* a, int64_t lda, const float* B, int64_t ldb, int64_t K, float* o, int64_t ldo) {
+  vf acc[4][4] = {{{0}}};
+  for (int64_t k = 0; k < K; k++) {
+    const vfu* b = (const vfu*)(B + k * ldb); const vf b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+    for (int i = 0; i < 4; i++) {
+      const float x = a[i * lda + k];
+      acc[i][0] += x * b0; acc[i][1] += x * b1; acc[i][2] += x * b2; acc[i][3] += x * b3;
     }
-    FTZ_OFF
+  }
+  for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) ((vfu*)(o + i * ldo))[j] = acc[i][j];
+}
+/* part[t] = sum over task t's rows r of w * (softmax(z'_r) - onehot(y_r)) * s(1-s), z' = softcap(z + u_group),
+   s = sigmoid(2(z + u)/c) = 1/(1 + P Q); one exp per logit. Call inside a parallel region. */
+static void grad_tasks(const float* P, const float* Q, int64_t ldq, const int64_t* y, const float* w,
+                       const int64_t* lo, const int64_t* hi, const int64_t* tg, int64_t T, int64_t V, float c,
+                       float* part, float* e) {
+  #pragma omp for schedule(dynamic, 1)
+  for (int64_t t = 0; t < T; t++) {
+    float* p = part + t * V; const float* q = Q + tg[t] * ldq; const float wg = w[tg[t]];
+    float *ea = e, *eb = e + V, fb = 0.f; /* row r's softmax term is added to p while row r+1 is computed */
+    memset(p, 0, V * sizeof(float)); memset(eb, 0, V * sizeof(float));
+    for (int64_t r = lo[t]; r < hi[t]; r++) {
+      const float* pr = P + r * V; float tot = 0.f; int64_t v0 = 0;
+#ifdef __AVX512F__
+      const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), big = _mm512_set1_ps(1e30f),
+                   A = _mm512_set1_ps(2.f * c * 1.44269504f), F = _mm512_set1_ps(fb);
+      __m512 acc = _mm512_setzero_ps();
+      for (; v0 + 16 <= V; v0 += 16) {
+        __m512 x = _mm512_add_ps(one, _mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(pr + v0), _mm512_loadu_ps(q + v0)), big));
+        __m512 s = _mm512_rcp14_ps(x); s = _mm512_mul_ps(s, _mm512_fnmadd_ps(x, s, two)); /* 1/x, one Newton step */
+        __m512 ev = vexp2(_mm512_fmsub_ps(s, A, A)); /* exp(2c(s - 1)) */
+        _mm512_storeu_ps(p + v0, _mm512_fmadd_ps(F, _mm512_loadu_ps(eb + v0), _mm512_loadu_ps(p + v0)));
+        _mm512_storeu_ps(ea + v0, _mm512_mul_ps(ev, _mm512_fnmadd_ps(s, s, s)));
+        acc = _mm512_add_ps(acc, ev);
+      }
+      tot = _mm512_reduce_add_ps(acc);
+#endif
+      #pragma omp simd reduction(+:tot)
+      for (int64_t v = v0; v < V; v++) {
+        float s = 1.f / (1.f + fminf(pr[v] * q[v], 1e30f)), ev = fexp(2.f * c * (s - 1.f));
+        p[v] += fb * eb[v]; ea[v] = ev * (s - s * s); tot += ev;
+      }
+      const int64_t j = y[r]; const float s = 1.f / (1.f + fminf(pr[j] * q[j], 1e30f));
+      p[j] -= wg * (s - s * s); fb = wg / tot; float* sw = ea; ea = eb; eb = sw;
+    }
+    #pragma omp simd
+    for (int64_t v = 0; v < V; v++) p[v] += fb * eb[v];
   }
 }
-/* g[G,V] = sum over each group's rows r of w[group] * (softmax(z'_r) - onehot(y_r)) * s(1-s), z' = softcap(z + u) */
-void slot_grad(const float* P, const float* Q, const int64_t* y, const float* w, const int64_t* lo,
-               const int64_t* hi, const int64_t* tg, const int64_t* gptr, int64_t G, int64_t V, float c,
-               float* part, float* g, int nth) {
-  const int64_t T = gptr[G];
-  #pragma omp parallel num_threads(nth)
+#define RUP(n, k) (((n) + (k) - 1) / (k) * (k))
+/* SLOT: `steps` AdamW steps on one delta per group (G,D), each minimising its rows' mean CE of softcap(z + W delta);
+   z (R,V) bf16 or fp32, W (V,D), rows in tasks (lo, hi, tg, gptr: see slot_tasks), w = 4/rows per group.
+   Every sum runs in a fixed order within one group, so a group's delta does not depend on the other groups nor on
+   the thread count. gout (G,D), if not NULL, gets the last step's gradient. */
+int slot_fit(const void* z, int bf16, const int64_t* y, const float* w, const int64_t* lo, const int64_t* hi,
+              const int64_t* tg, const int64_t* gptr, int64_t G, int64_t V, int64_t D, int64_t R, float c,
+              const float* W, int steps, float lr, float b1, float b2, float eps, float wd, float* delta,
+              float* gout, int nth) {
+  const int64_t T = gptr[G], Gp = RUP(G, 4), Vp = RUP(V, 64), Dp = RUP(D, 64), nq = Gp / 4 * (Vp / 64),
+                nd = Gp / 4 * (Dp / 64);
+  float *P = malloc(R * V * sizeof(float)), *Wt = calloc(D * Vp, 4), *Wp = calloc(V * Dp, 4),
+        *st = calloc(3 * Gp * Dp, 4), *Q = calloc(Gp * Vp, 4), *gu = calloc(Gp * V, 4),
+        *part = malloc((T ? T : 1) * V * sizeof(float)), *dl = st, *m = st + Gp * Dp, *v2 = st + 2 * Gp * Dp;
+  const int ok = P && Wt && Wp && st && Q && gu && part;
+  #pragma omp parallel num_threads(nth) if (ok)
+  if (ok)
   {
     FTZ_ON
-    float* e = (float*)malloc(V * sizeof(float));
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < T; t++) {
-      float* p = part + t * V; const float* q = Q + tg[t] * V; const float wg = w[tg[t]];
-      memset(p, 0, V * sizeof(float));
-      for (int64_t r = lo[t]; r < hi[t]; r++) {
-        const float* pr = P + r * V; float tot = 0.f;
-        #pragma omp simd reduction(+:tot)
-        for (int64_t v = 0; v < V; v++) {
-          float s = 1.f / (1.f + fminf(pr[v] * q[v], 1e30f)), ev = fexp(2.f * c * (s - 1.f));
-          e[v] = ev * (s - s * s); tot += ev;
-        }
-        const float f = wg / tot; const int64_t j = y[r];
-        #pragma omp simd
-        for (int64_t v = 0; v < V; v++) p[v] += f * e[v];
-        const float s = 1.f / (1.f + fminf(pr[j] * q[j], 1e30f)); p[j] -= wg * (s - s * s);
+    float* e = malloc(2 * V * sizeof(float));
+    #pragma omp for simd schedule(static)
+    for (int64_t i = 0; i < R * V; i++) { /* P = exp(-2z/c) (fp32: a bf16 P would add its own rounding) */
+      if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
+      P[i] = fexp(clamp80(-2.f / c * P[i]));
+    }
+    #pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < V; r0 += 16) { /* Wt = W^T, in blocks of 16 rows; both padded with zeros */
+      const int64_t r1 = r0 + 16 < V ? r0 + 16 : V;
+      for (int64_t k = 0; k < D; k++) for (int64_t r = r0; r < r1; r++) Wt[k * Vp + r] = W[r * D + k];
+      for (int64_t r = r0; r < r1; r++) memcpy(Wp + r * Dp, W + r * D, D * sizeof(float));
+    }
+    for (int s = 1; s <= steps; s++) {
+      #pragma omp for schedule(static)
+      for (int64_t i = 0; i < nq; i++) { /* Q = exp(-2 W delta / c) */
+        const int64_t g0 = i / (Vp / 64) * 4, v0 = i % (Vp / 64) * 64; float* o = Q + g0 * Vp + v0;
+        tile(dl + g0 * Dp, Dp, Wt + v0, Vp, D, o, Vp);
+        for (int a = 0; a < 4; a++) for (int k = 0; k < 64; k++) o[a * Vp + k] = fexp(clamp80(-2.f / c * o[a * Vp + k]));
+      }
+      grad_tasks(P, Q, Vp, y, w, lo, hi, tg, T, V, c, part, e);
+      #pragma omp for schedule(static)
+      for (int64_t k = 0; k < G; k++) { /* dL/du of each group: its tasks' parts, in order */
+        float* o = gu + k * V; memset(o, 0, V * sizeof(float));
+        for (int64_t t = gptr[k]; t < gptr[k + 1]; t++)
+          for (int64_t v = 0; v < V; v++) o[v] += part[t * V + v];
+      }
+      const float lr1 = lr / (1.f - powf(b1, s)), rb2 = 1.f / sqrtf(1.f - powf(b2, s));
+      #pragma omp for schedule(static)
+      for (int64_t i = 0; i < nd; i++) { /* dL/d delta = (dL/du) W, then AdamW (torch.optim.AdamW's rule) */
+        const int64_t g0 = i / (Dp / 64) * 4, d0 = i % (Dp / 64) * 64; float gd[4 * 64];
+        tile(gu + g0 * V, V, Wp + d0, Dp, V, gd, 64);
+        for (int a = 0; a < 4; a++)
+          for (int k = 0; k < 64; k++) {
+            const int64_t j = (g0 + a) * Dp + d0 + k; const float g = gd[a * 64 + k];
+            if (gout && s == steps && g0 + a < G && d0 + k < D) gout[(g0 + a) * D + d0 + k] = g;
+            m[j] = b1 * m[j] + (1.f - b1) * g; v2[j] = b2 * v2[j] + (1.f - b2) * g * g;
+            dl[j] = dl[j] * (1.f - lr * wd) - lr1 * m[j] / (sqrtf(v2[j]) * rb2 + eps);
+          }
       }
     }
     free(e);
     FTZ_OFF
-    #pragma omp for schedule(static)
-    for (int64_t k = 0; k < G; k++) {
-      float* o = g + k * V; memset(o, 0, V * sizeof(float));
-      for (int64_t t = gptr[k]; t < gptr[k + 1]; t++)
-        for (int64_t v = 0; v < V; v++) o[v] += part[t * V + v];
-    }
   }
+  for (int64_t k = 0; ok && k < G; k++) memcpy(delta + k * D, dl + k * Dp, D * sizeof(float));
+  free(P); free(Wt); free(Wp); free(st); free(Q); free(gu); free(part);
+  return ok;
 }
 static inline uint16_t fbf16(float v) { /* round to nearest even */
   uint32_t b; memcpy(&b, &v, 4); return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
@@ -573,8 +652,7 @@ def cpu_kernel():
                     if r.returncode == 0:
                         lib = ctypes.CDLL(str(Path(d, "k.so")))
                         P, I, F32, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-                        lib.slot_prep.argtypes = [P, C, P, I, F32, C]
-                        lib.slot_grad.argtypes = [P] * 8 + [I, I, F32, P, P, C]
+                        lib.slot_fit.argtypes = [P, C] + [P] * 6 + [I] * 4 + [F32, P, C] + [F32] * 5 + [P, P, C]
                         lib.slot_nll.argtypes = [P] * 4 + [I, I, F32, P, C]
                         lib.head_ce.argtypes = [P, C, P, I, I, F32, F32, P, P, C]
                         break
@@ -1697,21 +1775,20 @@ def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, T
     return lo[order].contiguous(), hi[order].contiguous(), tg[order].contiguous(), gptr
 
 
-def slot_grad_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
-    """u (G,V) -> dL/du (G,V) through KERNEL_C: P = exp(-kz) once (fp32), then one fused pass over the rows per step."""
+def slot_fit_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, W: Tensor, cfg: Config,
+               gout: Tensor | None = None) -> Tensor:
+    """fit_delta in KERNEL_C's slot_fit: every step in one call (P = exp(-2z/c) once, then per step the delta
+    matmuls, one fused pass over the rows, AdamW). gout (G,D), if given, receives the last step's gradient."""
     R, V = z.shape
-    z, y, nth = z.contiguous(), kernel_targets(y, V), torch.get_num_threads()
-    P = torch.empty(R, V)
-    lib.slot_prep(cptr(z), int(z.dtype == torch.bfloat16), cptr(P), R * V, 2 / c, nth)
+    z, y, W = z.contiguous(), kernel_targets(y, V), W.float().contiguous()
     lo, hi, tg, gptr = slot_tasks(group.cpu(), n_groups)
-    part = torch.empty(lo.numel(), V)
-
-    def grad(u: Tensor) -> Tensor:
-        Q, g = u.mul_(-2 / c).exp_().contiguous(), torch.empty(n_groups, V)
-        lib.slot_grad(cptr(P), cptr(Q), cptr(y), cptr(weight), cptr(lo), cptr(hi), cptr(tg), cptr(gptr), n_groups, V,
-                      c, cptr(part), cptr(g), nth)
-        return g
-    return grad
+    delta = torch.empty(n_groups, W.size(1))
+    if not lib.slot_fit(cptr(z), int(z.dtype == torch.bfloat16), cptr(y), cptr(weight.float().contiguous()), cptr(lo),
+                        cptr(hi), cptr(tg), cptr(gptr), n_groups, V, W.size(1), R, cfg.logit_softcap, cptr(W),
+                        cfg.slot_steps, cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_eps, cfg.slot_wd,
+                        cptr(delta), cptr(gout) if gout is not None else None, torch.get_num_threads()):
+        raise MemoryError(f"SLOT: no memory for {R} x {V} fitted logits (lower EVAL_BATCH_SEQS or SLOT_CONTEXT)")
+    return delta
 
 
 def slot_grad_torch(z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
@@ -1743,8 +1820,9 @@ def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg
 
     z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head; bf16 under
     AMP), y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared
-    clipping. Returns (n_groups, D), fp32 for a bf16 z. Same update rule as torch.optim.AdamW. On CPU the gradient
-    runs in KERNEL_C (slot_grad_c), else in torch ops (slot_grad_torch); both follow softcap'(a) = 4s(1-s)."""
+    clipping. Returns (n_groups, D), fp32 for a bf16 z. Same update rule as torch.optim.AdamW. On CPU all of it
+    runs in KERNEL_C (slot_fit_c), else the gradient runs in torch ops (slot_grad_torch); both follow
+    softcap'(a) = 4s(1-s)."""
     dt = torch.float32 if z.dtype == torch.bfloat16 else z.dtype
     W = W.to(dt)
     delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
@@ -1752,8 +1830,9 @@ def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg
         return delta
     weight = 4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt)  # group mean; softcap' = 4s(1-s)
     lib = kernel_for(z)
-    grad = slot_grad_c(lib, z, y, group, n_groups, weight, cfg.logit_softcap) if lib else \
-        slot_grad_torch(z.to(dt), y, group, n_groups, weight, cfg.logit_softcap)
+    if lib:
+        return slot_fit_c(lib, z, y, group, n_groups, weight, W, cfg)
+    grad = slot_grad_torch(z.to(dt), y, group, n_groups, weight, cfg.logit_softcap)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
     lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
     for t in range(1, cfg.slot_steps + 1):
