@@ -242,7 +242,7 @@ def eval_worker(args) -> int:
                     slot_context=spec["slot_context"])
     cfg = dataclasses.replace(cfg, **over)
     cfg.validate()
-    rt = tg.Runtime(device=torch.device("cpu"), amp=cfg.amp and tg.cpu_bf16_is_fast(), compile=False)
+    rt = tg.setup_runtime(dataclasses.replace(cfg, device="cpu"), {})  # the main job's CPU process settings
     kw = dict(seq_len=cfg.eval_seq_len, stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=spec["slot"],
               ttt=spec["ttt"])
     warm = tg.ValData(val.tokens[: 2 * cfg.eval_seq_len + 1], None)  # a few batches; TTT trains on tiny chunks
