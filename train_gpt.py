@@ -534,7 +534,7 @@ int slot_fit(const void* z, int bf16, const int64_t* y, const float* w, const in
     FTZ_ON
     float* e = malloc(2 * V * sizeof(float));
     #pragma omp for simd schedule(static)
-    for (int64_t i = 0; i < R * V; i++) { /* P = exp(-2z/c) (fp32: a bf16 P would add its own rounding) */
+    for (int64_t i = 0; i < R * V; i++) { /* P = exp(-2z/c) (fp32: a bf16 P would add its own rounding); memory-bound */
       if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
       P[i] = fexp(clamp80(-2.f / c * P[i]));
     }
@@ -632,9 +632,21 @@ void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t*
   FTZ_ON
   #pragma omp for schedule(static)
   for (int64_t r = 0; r < R; r++) {
-    const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f;
+    const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f; int64_t v0 = 0;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), k2 = _mm512_set1_ps(k * 1.44269504f),
+                 hi = _mm512_set1_ps(115.415603f), A = _mm512_set1_ps(-2.f * c * 1.44269504f);
+    __m512 acc = _mm512_setzero_ps();
+    for (; v0 + 16 <= V; v0 += 16) {
+      const __m512 a = _mm512_mul_ps(k2, _mm512_add_ps(_mm512_loadu_ps(zr + v0), _mm512_loadu_ps(u + v0)));
+      const __m512 x = _mm512_add_ps(one, vexp2(_mm512_max_ps(_mm512_min_ps(a, hi), -hi)));
+      __m512 s = _mm512_rcp14_ps(x); s = _mm512_mul_ps(s, _mm512_fnmadd_ps(x, s, two));
+      acc = _mm512_add_ps(acc, vexp2(_mm512_mul_ps(A, s)));
+    }
+    tot = _mm512_reduce_add_ps(acc);
+#endif
     #pragma omp simd reduction(+:tot)
-    for (int64_t v = 0; v < V; v++) tot += fexp(-2.f * c / (1.f + fexp(clamp80(k * (zr[v] + u[v])))));
+    for (int64_t v = v0; v < V; v++) tot += fexp(-2.f * c / (1.f + fexp(clamp80(k * (zr[v] + u[v])))));
     const int64_t j = y[r];
     out[r] = logf(tot) + 2.f * c / (1.f + fexp(clamp80(k * (zr[j] + u[j]))));
     nan_if_nonfinite(zr, V, out + r);
