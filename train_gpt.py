@@ -446,6 +446,7 @@ static inline float fexp(float x) { /* exp(x), relative error ~2e-7; 0 below e^-
   int32_t i = ((int32_t)n + 127) << 23; float s; memcpy(&s, &i, 4); return p * s;
 }
 static inline float clamp80(float x) { return x > 80.f ? 80.f : (x < -80.f ? -80.f : x); }
+static inline float clamp43(float x) { return x > 43.f ? 43.f : (x < -80.f ? -80.f : x); } /* P, Q <= e^43: PQ finite */
 static inline void nan_if_nonfinite(const float* a, int64_t V, float* out) { /* fast-math clamps hide inf/nan */
   int bad = 0; const uint32_t qnan = 0x7fc00000u;
   for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)a)[v] & 0x7f800000u) == 0x7f800000u;
@@ -488,11 +489,11 @@ static void grad_tasks(const float* P, const float* Q, int64_t ldq, const int64_
     for (int64_t r = lo[t]; r < hi[t]; r++) {
       const float* pr = P + r * V; float tot = 0.f; int64_t v0 = 0;
 #ifdef __AVX512F__
-      const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), big = _mm512_set1_ps(1e30f),
-                   A = _mm512_set1_ps(2.f * c * 1.44269504f), F = _mm512_set1_ps(fb);
+      const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), A = _mm512_set1_ps(2.f * c * 1.44269504f),
+                   F = _mm512_set1_ps(fb);
       __m512 acc = _mm512_setzero_ps();
       for (; v0 + 16 <= V; v0 += 16) {
-        __m512 x = _mm512_add_ps(one, _mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(pr + v0), _mm512_loadu_ps(q + v0)), big));
+        __m512 x = _mm512_add_ps(one, _mm512_mul_ps(_mm512_loadu_ps(pr + v0), _mm512_loadu_ps(q + v0)));
         __m512 s = _mm512_rcp14_ps(x); s = _mm512_mul_ps(s, _mm512_fnmadd_ps(x, s, two)); /* 1/x, one Newton step */
         __m512 ev = vexp2(_mm512_fmsub_ps(s, A, A)); /* exp(2c(s - 1)) */
         _mm512_storeu_ps(p + v0, _mm512_fmadd_ps(F, _mm512_loadu_ps(eb + v0), _mm512_loadu_ps(p + v0)));
@@ -503,10 +504,10 @@ static void grad_tasks(const float* P, const float* Q, int64_t ldq, const int64_
 #endif
       #pragma omp simd reduction(+:tot)
       for (int64_t v = v0; v < V; v++) {
-        float s = 1.f / (1.f + fminf(pr[v] * q[v], 1e30f)), ev = fexp(2.f * c * (s - 1.f));
+        float s = 1.f / (1.f + pr[v] * q[v]), ev = fexp(2.f * c * (s - 1.f));
         p[v] += fb * eb[v]; ea[v] = ev * (s - s * s); tot += ev;
       }
-      const int64_t j = y[r]; const float s = 1.f / (1.f + fminf(pr[j] * q[j], 1e30f));
+      const int64_t j = y[r]; const float s = 1.f / (1.f + pr[j] * q[j]);
       p[j] -= wg * (s - s * s); fb = wg / tot; float* sw = ea; ea = eb; eb = sw;
     }
     #pragma omp simd
@@ -536,7 +537,7 @@ int slot_fit(const void* z, int bf16, const int64_t* y, const float* w, const in
     #pragma omp for simd schedule(static)
     for (int64_t i = 0; i < R * V; i++) { /* P = exp(-2z/c) (fp32: a bf16 P would add its own rounding); memory-bound */
       if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
-      P[i] = fexp(clamp80(-2.f / c * P[i]));
+      P[i] = fexp(clamp43(-2.f / c * P[i]));
     }
     #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < V; r0 += 16) { /* Wt = W^T, in blocks of 16 rows; both padded with zeros */
@@ -549,7 +550,7 @@ int slot_fit(const void* z, int bf16, const int64_t* y, const float* w, const in
       for (int64_t i = 0; i < nq; i++) { /* Q = exp(-2 W delta / c) */
         const int64_t g0 = i / (Vp / 64) * 4, v0 = i % (Vp / 64) * 64; float* o = Q + g0 * Vp + v0;
         tile(dl + g0 * Dp, Dp, Wt + v0, Vp, D, o, Vp);
-        for (int a = 0; a < 4; a++) for (int k = 0; k < 64; k++) o[a * Vp + k] = fexp(clamp80(-2.f / c * o[a * Vp + k]));
+        for (int a = 0; a < 4; a++) for (int k = 0; k < 64; k++) o[a * Vp + k] = fexp(clamp43(-2.f / c * o[a * Vp + k]));
       }
       grad_tasks(P, Q, Vp, y, w, lo, hi, tg, T, V, c, part, e);
       #pragma omp for schedule(static)
