@@ -10,9 +10,12 @@ SLOT_MODE=batch (the seed: 3 steps) and with SLOT_MODE=causal (8 steps; once per
 row), and prints seconds, scored tokens/s, the overhead of each SLOT run over the same pass with SLOT off, and peak
 memory. Every configuration runs in a fresh interpreter after a small warm-up pass (one-time costs such as lazy
 imports and the optimizer's first step stay out of the timing); its first full pass gives its peak RSS (ru_maxrss),
-then that process times --inner pairs of (SLOT off, SLOT on) passes alternately. The overhead column is the
-in-process ratio min(on)/min(off), median over --repeat processes: process-to-process noise on a shared machine
-(+-15% here) would otherwise swamp a 10% effect. A SLOT run also scores the plain variant (eval_pass always
+then that process times --inner pairs of back-to-back (SLOT off, SLOT on) passes, the order flipped every other pair
+(off-on, on-off, ...: a machine speeding up or slowing down hits both sides alike). The overhead column is the median,
+over all pairs of all --repeat processes, of each pair's on/off ratio: this shared VM's speed drifts by +-15%
+within seconds, which would swamp a 10% effect measured across processes or by minima taken minutes apart. The
+single-batch estimate is built the same way: the median over --batch-reps adjacent (off, on) timings of one
+scoring batch of their difference, times the pass's batches, over the pass without SLOT. A SLOT run also scores the plain variant (eval_pass always
 does); "off" is the same pass with slot=False, so the overhead is everything SLOT adds. Other env vars (EVAL_*,
 TTT_*, ...) apply as train_gpt.py reads them; each row sets SLOT_ENABLED/MODE/STEPS/LR/CONTEXT and TTT_ENABLED.
 
@@ -257,9 +260,12 @@ def eval_worker(args) -> int:
     res, secs, cpu = timed(cfg, spec["slot"])
     peak = max_rss_mb()  # the peak of this configuration alone (fresh process, first full pass)
     pairs = []  # then SLOT and CTW off and this configuration alternately, in this same process
-    for _ in range(args.inner if spec["slot"] or spec.get("ctw") else 0):
-        r_off, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False, ctw_weight=0.0), False)
-        r_on, on_s, on_c = timed(cfg, spec["slot"])  # exactly the first pass's configuration (a CTW row: no SLOT)
+    for i in range(args.inner if spec["slot"] or spec.get("ctw") else 0):
+        for first in (i % 2 == 0, i % 2 == 1):  # off-on, then on-off, ...
+            if first:
+                r_off, off_s, off_c = timed(dataclasses.replace(cfg, slot_enabled=False, ctw_weight=0.0), False)
+            else:  # exactly the first pass's configuration (a CTW row: no SLOT)
+                r_on, on_s, on_c = timed(cfg, spec["slot"])
         pairs.append(dict(off_seconds=off_s, off_cpu=off_c, seconds=on_s, cpu_seconds=on_c,
                           off_variants=sorted(r_off), variants=sorted(r_on)))
     n = val.tokens.numel() - 1
@@ -271,13 +277,14 @@ def eval_worker(args) -> int:
         x, y = val.tokens[idx][:, :-1], val.tokens[idx][:, 1:]
         los = torch.tensor([lo for _, _, lo in wins])
         t_off, t_on = [], []
-        for _ in range(args.batch_reps):
-            for slot, acc in ((False, t_off), (True, t_on)):
+        for i in range(args.batch_reps):
+            for slot in ((False, True) if i % 2 == 0 else (True, False)):
                 t0 = time.perf_counter()
                 tg.score_batch(model, model.forward_hidden, x, y, los, cfg, rt, slot)
-                acc.append(time.perf_counter() - t0)
+                (t_on if slot else t_off).append(time.perf_counter() - t0)
         n_batches = sum(-(-len(list(g)) // cfg.eval_batch_seqs) for g in chunk_windows(tg, plan, cfg, spec["ttt"]))
-        batch = dict(batch_off_ms=1e3 * min(t_off), batch_on_ms=1e3 * min(t_on), n_batches=n_batches)
+        batch = dict(batch_off_ms=1e3 * min(t_off), batch_on_ms=1e3 * min(t_on), n_batches=n_batches,
+                     batch_diff_ms=[1e3 * (b - a) for a, b in zip(t_off, t_on)])
     print(json.dumps(dict(
         name=spec["name"], seconds=secs, cpu_seconds=cpu, pairs=pairs, **batch, targets=n, windows=len(plan),
         trunk_tokens=sum(length for _, length, _ in plan), rss_before_mb=rss0, peak_before_mb=peak0,
@@ -364,17 +371,18 @@ def bench_eval(args) -> int:
         off = best[("ttt" if s["ttt"] else "sliding") + "/off"]
         dt, dc = r["seconds"] / off["seconds"] - 1, r["cpu_seconds"] / off["cpu_seconds"] - 1
         procs = runs[s["name"]]
-        if any(q["pairs"] for q in procs):  # in-process pairs: min on / min off per process, median over processes
-            dt = statistics.median(min(p["seconds"] for p in q["pairs"]) / min(p["off_seconds"] for p in q["pairs"])
-                                   for q in procs if q["pairs"]) - 1
-            dc = statistics.median(min(p["cpu_seconds"] for p in q["pairs"]) / min(p["off_cpu"] for p in q["pairs"])
-                                   for q in procs if q["pairs"]) - 1
+        pairs = [p for q in procs for p in q["pairs"]]
+        if pairs:  # back-to-back pairs of one process: the median of their on/off ratios over all processes
+            dt = statistics.median(p["seconds"] / p["off_seconds"] for p in pairs) - 1
+            dc = statistics.median(p["cpu_seconds"] / p["off_cpu"] for p in pairs) - 1
         bt = [q for q in procs if "batch_on_ms" in q]
         b_off = min(q["batch_off_ms"] for q in bt) if bt else None
         b_on = min(q["batch_on_ms"] for q in bt) if bt else None
-        # SLOT's cost per batch times the pass's batches, over the pass without SLOT (fastest off pass seen)
-        off_pass = min([off["seconds"]] + [p["off_seconds"] for q in procs for p in q["pairs"]])
-        est = (b_on - b_off) / 1e3 * bt[0]["n_batches"] / off_pass if bt else None
+        # SLOT's cost per batch (median of adjacent differences) times the pass's batches, over the pass without
+        # SLOT (median of this row's off passes)
+        off_pass = statistics.median([p["off_seconds"] for p in pairs] or [off["seconds"]])
+        est = statistics.median(d for q in bt for d in q["batch_diff_ms"]) / 1e3 * bt[0]["n_batches"] / off_pass \
+            if bt else None
         dm = r["peak_mb"] / off["peak_mb"] - 1
         res = r["results"]
         var = "ctw" if s.get("ctw") else "slot"
@@ -480,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--val-tokens", type=int, default=16384,
                     help="cap on val targets (0: the whole val set; default 16384)")
     ev.add_argument("--repeat", type=int, default=1, help="fresh processes per configuration (interleaved)")
-    ev.add_argument("--inner", type=int, default=2,
-                    help="per SLOT process: extra (SLOT off, SLOT on) pass pairs timed alternately (default 2)")
+    ev.add_argument("--inner", type=int, default=4,
+                    help="per SLOT process: extra back-to-back (SLOT off, SLOT on) pass pairs, order flipped every "
+                         "other pair (default 4)")
     ev.add_argument("--batch-reps", type=int, default=8,
                     help="per SLOT process: (off, on) timings of one scoring batch, alternately (default 8)")
     ev.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
