@@ -390,17 +390,31 @@ def keep_freed_memory() -> None:
 
 
 def cpu_bf16_is_fast() -> bool:
-    """bf16 matmul beats fp32 on CPUs with avx512_bf16/AMX, and is ~100x slower on plain AVX2 ones."""
-    a = torch.randn(256, 256)
-    times = []
-    for dt in (torch.float32, torch.bfloat16):
-        x = a.to(dt)
-        x @ x
-        t = time.perf_counter()
-        for _ in range(4):
-            x @ x
-        times.append(time.perf_counter() - t)
-    return times[1] < times[0]
+    """bf16 matmul beats fp32 on CPUs with avx512_bf16/AMX, and is ~100x slower on plain AVX2 ones. Decided by the
+    CPU's flags where Linux lists them: a timing can flip on a busy machine, and a flipped AMP decision changes
+    every score of the run. Elsewhere one timing, kept for the process."""
+    if not _bf16_fast:
+        try:
+            flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                     for f in line.split(":", 1)[1].split()}
+        except OSError:
+            flags = set()
+        if flags:
+            _bf16_fast.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
+        else:
+            a, times = torch.randn(256, 256), []
+            for dt in (torch.float32, torch.bfloat16):
+                x = a.to(dt)
+                x @ x
+                t = time.perf_counter()
+                for _ in range(4):
+                    x @ x
+                times.append(time.perf_counter() - t)
+            _bf16_fast.append(times[1] < times[0])
+    return _bf16_fast[0]
+
+
+_bf16_fast: list = []  # [cpu_bf16_is_fast()], decided once per process
 
 
 def amp_ctx(rt: Runtime):

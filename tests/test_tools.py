@@ -137,6 +137,23 @@ def test_check_causality_production_dtypes(tools, monkeypatch, capsys, dtype):
     assert out.count("OK (no earlier NLL moved)") == 2 and "LEAKS (expected: labelled non-causal)" in out
 
 
+def test_check_causality_refuses_a_verdict_when_scoring_is_not_reproducible(tools, monkeypatch, capsys):
+    """A busy machine can make two scorings of one stream differ (MKL/oneDNN thread splits): the tool rescoring the
+    unperturbed stream catches it and fails instead of calling the mode causal or leaky."""
+    set_env(monkeypatch, SMALL_EVAL)
+    cc = tools["check_causality"]
+    real, calls = cc.tg.score_stream, []
+
+    def flaky(model, tokens, cfg):
+        calls.append(1)
+        nll = real(model, tokens, cfg)
+        return nll + 1e-3 * len(calls) if len(calls) > 3 else nll  # the control rescoring differs
+    monkeypatch.setattr(cc.tg, "score_stream", flaky)
+    rc = cc.main(["--random-tiny", "--positions", "2", "--tokens", "160", "--data", "random", "--modes", "off"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "NOT REPRODUCIBLE" in out and "not reproducible on this machine" in out, out
+
+
 def test_check_causality_strict_fails_on_batch_leak(tools, monkeypatch, capsys):
     set_env(monkeypatch, SMALL_EVAL)
     rc = tools["check_causality"].main(["--random-tiny", "--positions", "2", "--tokens", "160", "--data", "random",
