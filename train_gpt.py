@@ -475,6 +475,9 @@ static inline __m512 vexp2(__m512 t) { /* 2^t = 2^n p(t - n), n = round(t): fexp
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.693147181f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
+static inline __m512 vrcp(__m512 x) { /* 1/x: rcp14, then one Newton step */
+  const __m512 r = _mm512_rcp14_ps(x); return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+}
 #endif
 typedef float vf __attribute__((vector_size(64))); /* 16 floats: one zmm with AVX-512, else gcc splits it */
 typedef float vfu __attribute__((vector_size(64), aligned(4)));
@@ -503,12 +506,11 @@ static void grad_tasks(const float* P, const float* Q, int64_t ldq, const int64_
     for (int64_t r = lo[t]; r < hi[t]; r++) {
       const float* pr = P + r * V; float tot = 0.f; int64_t v0 = 0;
 #ifdef __AVX512F__
-      const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), A = _mm512_set1_ps(2.f * c * 1.44269504f),
-                   F = _mm512_set1_ps(fb);
+      const __m512 one = _mm512_set1_ps(1.f), A = _mm512_set1_ps(2.f * c * 1.44269504f), F = _mm512_set1_ps(fb);
       __m512 acc = _mm512_setzero_ps();
       for (; v0 + 16 <= V; v0 += 16) {
         __m512 x = _mm512_add_ps(one, _mm512_mul_ps(_mm512_loadu_ps(pr + v0), _mm512_loadu_ps(q + v0)));
-        __m512 s = _mm512_rcp14_ps(x); s = _mm512_mul_ps(s, _mm512_fnmadd_ps(x, s, two)); /* 1/x, one Newton step */
+        const __m512 s = vrcp(x);
         __m512 ev = vexp2(_mm512_fmsub_ps(s, A, A)); /* exp(2c(s - 1)) */
         _mm512_storeu_ps(p + v0, _mm512_fmadd_ps(F, _mm512_loadu_ps(eb + v0), _mm512_loadu_ps(p + v0)));
         _mm512_storeu_ps(ea + v0, _mm512_mul_ps(ev, _mm512_fnmadd_ps(s, s, s)));
@@ -649,14 +651,13 @@ void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t*
   for (int64_t r = 0; r < R; r++) {
     const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f; int64_t v0 = 0;
 #ifdef __AVX512F__
-    const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f), k2 = _mm512_set1_ps(k * 1.44269504f),
+    const __m512 one = _mm512_set1_ps(1.f), k2 = _mm512_set1_ps(k * 1.44269504f),
                  hi = _mm512_set1_ps(115.415603f), A = _mm512_set1_ps(-2.f * c * 1.44269504f);
     __m512 acc = _mm512_setzero_ps();
     for (; v0 + 16 <= V; v0 += 16) {
       const __m512 a = _mm512_mul_ps(k2, _mm512_add_ps(_mm512_loadu_ps(zr + v0), _mm512_loadu_ps(u + v0)));
       const __m512 x = _mm512_add_ps(one, vexp2(_mm512_max_ps(_mm512_min_ps(a, hi), -hi)));
-      __m512 s = _mm512_rcp14_ps(x); s = _mm512_mul_ps(s, _mm512_fnmadd_ps(x, s, two));
-      acc = _mm512_add_ps(acc, vexp2(_mm512_mul_ps(A, s)));
+      acc = _mm512_add_ps(acc, vexp2(_mm512_mul_ps(A, vrcp(x))));
     }
     tot = _mm512_reduce_add_ps(acc);
 #endif
