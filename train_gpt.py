@@ -9,20 +9,15 @@ Every knob is an UPPERCASE env var mapped to one `Config` field; see README.md f
 # ---- imports ----
 
 import copy
-import ctypes
 import dataclasses
 import difflib
 import glob
-import io
 import json
 import lzma
 import math
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import zlib
@@ -73,7 +68,8 @@ class Config:
     out_dir: str = "logs"  # OUT_DIR: where <RUN_ID>.txt/.json/.ptz go
     seed: int = 1337  # SEED
     device: str = ""  # DEVICE: cuda | cpu (empty: cuda when available)
-    compile: bool = True  # COMPILE: torch.compile the trunk (CUDA preset default on, CPU off)
+    compile: bool = True  # COMPILE: torch.compile the model (training step and eval trunk; competition on, cpu off)
+    compile_head: bool = True  # COMPILE_HEAD: torch.compile the softcapped CE and SLOT's fit/score even when COMPILE=0
     amp: bool = True  # AMP: bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
     eval_only: bool = False  # EVAL_ONLY: skip training, evaluate LOAD_ARTIFACT
     load_artifact: str = ""  # LOAD_ARTIFACT: path of a saved .ptz artifact (EVAL_ONLY=1)
@@ -338,7 +334,9 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     amp: bool = True  # bf16 autocast, and bf16 Newton-Schulz
-    compile: bool = False
+    compile: bool = False  # the model (maybe_compile)
+    compile_head: bool = False  # the head's functions (fn)
+    _fns: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -351,6 +349,14 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
+
+    def fn(self, f):
+        """f under torch.compile (fullgraph: one graph per input shape) with COMPILE or COMPILE_HEAD, else f."""
+        if not self.compile_head:
+            return f
+        if f not in self._fns:
+            self._fns[f] = torch.compile(f, fullgraph=True)
+        return self._fns[f]
 
 
 def setup_runtime(cfg: Config, env) -> Runtime:
@@ -365,28 +371,14 @@ def setup_runtime(cfg: Config, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if want == "cpu":  # denormals (tiny gradients, Adam moments) cost ~100x per op on x86 CPUs; GPUs flush them too
-        torch.set_flush_denormal(True)
-        keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         if want == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank,
-                   amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile and want == "cuda")
-
-
-def keep_freed_memory() -> None:
-    """CPU: glibc's malloc serves tensors up to 1 GiB from its heap and keeps what is freed, instead of mapping fresh
-    pages for every large tensor and unmapping them on free: a tensor re-allocated each step then no longer
-    page-faults every 4 KiB. The peak memory stays that of the largest live set. No-op without glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+                   amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile,
+                   compile_head=cfg.compile or cfg.compile_head)
 
 
 def cpu_bf16_is_fast() -> bool:
@@ -434,294 +426,6 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 def maybe_compile(fn, rt: Runtime):
     return torch.compile(fn, dynamic=False) if rt.compile else fn
-
-
-# CPU kernels in C for the softcapped head, where torch runs ~10 elementwise passes over (rows, V) logits: SLOT's fit
-# step and score (slot.md 5.4) and the training CE with its gradient (head_ce). Softcap is c*tanh(a/c) =
-# c*(2*sigmoid(ka) - 1), k = 2/c. With P = exp(-kz) stored once per batch and Q = exp(-ku) per step,
-# sigmoid(k(z+u)) = 1/(1+P*Q): a SLOT step costs one exp per logit. Blocks of rows are fixed by the groups alone
-# and summed in order, so a group's gradient does not depend on the thread count or on the other groups.
-KERNEL_C = r"""
-#include <stdint.h>
-#include <string.h>
-#include <stdlib.h>
-#include <math.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h> /* flush-to-zero and denormals-are-zero inside the kernels only: e*s(1-s) underflows */
-#define FTZ_ON const unsigned int csr_ = _mm_getcsr(); _mm_setcsr(csr_ | 0x8040);
-#define FTZ_OFF _mm_setcsr(csr_);
-#else
-#define FTZ_ON
-#define FTZ_OFF
-#endif
-static inline float fexp(float x) { /* exp(x), relative error ~2e-7; 0 below e^-87 (fexp(-inf) = 0) */
-  x = fmaxf(x, -87.f); float n = floorf(x * 1.44269504f + 0.5f), r = x - n * 0.693145752f - n * 1.42860677e-6f;
-  float p = 1.f + r * (1.f + r * (.499992338f + r * (.166671148f + r * (.0418898548f + r * .00831238946f))));
-  int32_t i = ((int32_t)n + 127) << 23; float s; memcpy(&s, &i, 4); return p * s;
-}
-static inline float clamp80(float x) { return x > 80.f ? 80.f : (x < -80.f ? -80.f : x); }
-static inline float clamp43(float x) { return x > 43.f ? 43.f : (x < -80.f ? -80.f : x); } /* P, Q <= e^43: PQ finite */
-static inline void nan_if_nonfinite(const float* a, int64_t V, float* out) { /* fast-math clamps hide inf/nan */
-  int bad = 0; const uint32_t qnan = 0x7fc00000u;
-  for (int64_t v = 0; v < V; v++) bad |= (((const uint32_t*)a)[v] & 0x7f800000u) == 0x7f800000u;
-  if (bad) memcpy(out, &qnan, 4);
-}
-#ifdef __AVX512F__
-#include <immintrin.h>
-static inline __m512 vexp2(__m512 t) { /* 2^t = 2^n p(t - n), n = round(t): fexp's polynomial in base 2 */
-  __m512 n = _mm512_roundscale_ps(t, 0), r = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(.00133000474f), _mm512_set1_ps(.00966964876f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.0555056011f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.240222826f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(.693147181f)); p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-static inline __m512 vrcp(__m512 x) { /* 1/x: rcp14, then one Newton step */
-  const __m512 r = _mm512_rcp14_ps(x); return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
-}
-#endif
-typedef float vf __attribute__((vector_size(64))); /* 16 floats: one zmm with AVX-512, else gcc splits it */
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-/* o[i][0:64] = sum over k < K, in order, of a[i*lda + k] * B[k*ldb + 0:64], for i < 4: the delta matmuls' tile */
-static void tile(const float* a, int64_t lda, const float* B, int64_t ldb, int64_t K, float* o, int64_t ldo) {
-  vf acc[4][4] = {{{0}}};
-  for (int64_t k = 0; k < K; k++) {
-    const vfu* b = (const vfu*)(B + k * ldb); const vf b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
-    for (int i = 0; i < 4; i++) {
-      const float x = a[i * lda + k];
-      acc[i][0] += x * b0; acc[i][1] += x * b1; acc[i][2] += x * b2; acc[i][3] += x * b3;
-    }
-  }
-  for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) ((vfu*)(o + i * ldo))[j] = acc[i][j];
-}
-/* part[t] = sum over task t's rows r of w * (softmax(z'_r) - onehot(y_r)) * s(1-s), z' = softcap(z + u_group),
-   s = sigmoid(2(z + u)/c) = 1/(1 + P Q); one exp per logit. Call inside a parallel region. */
-static void grad_tasks(const float* P, const float* Q, int64_t ldq, const int64_t* y, const float* w,
-                       const int64_t* lo, const int64_t* hi, const int64_t* tg, int64_t T, int64_t V, float c,
-                       float* part, float* e) {
-  #pragma omp for schedule(dynamic, 1)
-  for (int64_t t = 0; t < T; t++) {
-    float* p = part + t * V; const float* q = Q + tg[t] * ldq; const float wg = w[tg[t]];
-    float *ea = e, *eb = e + V, fb = 0.f; /* row r's softmax term is added to p while row r+1 is computed */
-    memset(p, 0, V * sizeof(float)); memset(eb, 0, V * sizeof(float));
-    for (int64_t r = lo[t]; r < hi[t]; r++) {
-      const float* pr = P + r * V; float tot = 0.f; int64_t v0 = 0;
-#ifdef __AVX512F__
-      const __m512 one = _mm512_set1_ps(1.f), A = _mm512_set1_ps(2.f * c * 1.44269504f), F = _mm512_set1_ps(fb);
-      __m512 acc = _mm512_setzero_ps();
-      for (; v0 + 16 <= V; v0 += 16) {
-        __m512 x = _mm512_add_ps(one, _mm512_mul_ps(_mm512_loadu_ps(pr + v0), _mm512_loadu_ps(q + v0)));
-        const __m512 s = vrcp(x);
-        __m512 ev = vexp2(_mm512_fmsub_ps(s, A, A)); /* exp(2c(s - 1)) */
-        _mm512_storeu_ps(p + v0, _mm512_fmadd_ps(F, _mm512_loadu_ps(eb + v0), _mm512_loadu_ps(p + v0)));
-        _mm512_storeu_ps(ea + v0, _mm512_mul_ps(ev, _mm512_fnmadd_ps(s, s, s)));
-        acc = _mm512_add_ps(acc, ev);
-      }
-      tot = _mm512_reduce_add_ps(acc);
-#endif
-      #pragma omp simd reduction(+:tot)
-      for (int64_t v = v0; v < V; v++) {
-        float s = 1.f / (1.f + pr[v] * q[v]), ev = fexp(2.f * c * (s - 1.f));
-        p[v] += fb * eb[v]; ea[v] = ev * (s - s * s); tot += ev;
-      }
-      const int64_t j = y[r]; const float s = 1.f / (1.f + pr[j] * q[j]);
-      p[j] -= wg * (s - s * s); fb = wg / tot; float* sw = ea; ea = eb; eb = sw;
-    }
-    #pragma omp simd
-    for (int64_t v = 0; v < V; v++) p[v] += fb * eb[v];
-  }
-}
-#define RUP(n, k) (((n) + (k) - 1) / (k) * (k))
-/* SLOT: `steps` AdamW steps on one delta per group (G,D), each minimising its rows' mean CE of softcap(z + W delta);
-   z (R,V) bf16 or fp32, W (V,D), rows in tasks (lo, hi, tg, gptr: see slot_tasks), w = 4/rows per group.
-   Every sum runs in a fixed order within one group, so a group's delta does not depend on the other groups nor on
-   the thread count. gout (G,D), if not NULL, gets the last step's gradient. */
-int slot_fit(const void* z, int bf16, const int64_t* y, const float* w, const int64_t* lo, const int64_t* hi,
-              const int64_t* tg, const int64_t* gptr, int64_t G, int64_t V, int64_t D, int64_t R, float c,
-              const float* W, int steps, float lr, float b1, float b2, float eps, float wd, float* delta,
-              float* gout, int nth) {
-  const int64_t T = gptr[G], Gp = RUP(G, 4), Vp = RUP(V, 64), Dp = RUP(D, 64), nq = Gp / 4 * (Vp / 64),
-                nd = Gp / 4 * (Dp / 64);
-  float *P = malloc(R * V * sizeof(float)), *Wt = calloc(D * Vp, 4), *Wp = calloc(V * Dp, 4),
-        *st = calloc(3 * Gp * Dp, 4), *Q = calloc(Gp * Vp, 4), *gu = calloc(Gp * V, 4),
-        *part = malloc((T ? T : 1) * V * sizeof(float)), *dl = st, *m = st + Gp * Dp, *v2 = st + 2 * Gp * Dp;
-  const int ok = P && Wt && Wp && st && Q && gu && part;
-  #pragma omp parallel num_threads(nth) if (ok)
-  if (ok)
-  {
-    FTZ_ON
-    float* e = malloc(2 * V * sizeof(float));
-    #pragma omp for simd schedule(static)
-    for (int64_t i = 0; i < R * V; i++) { /* P = exp(-2z/c) (fp32: a bf16 P would add its own rounding); memory-bound */
-      if (bf16) ((uint32_t*)P)[i] = (uint32_t)((const uint16_t*)z)[i] << 16; else P[i] = ((const float*)z)[i];
-      P[i] = fexp(clamp43(-2.f / c * P[i]));
-    }
-    #pragma omp for schedule(static)
-    for (int64_t r0 = 0; r0 < V; r0 += 16) { /* Wt = W^T, in blocks of 16 rows; both padded with zeros */
-      const int64_t r1 = r0 + 16 < V ? r0 + 16 : V;
-      for (int64_t k = 0; k < D; k++) for (int64_t r = r0; r < r1; r++) Wt[k * Vp + r] = W[r * D + k];
-      for (int64_t r = r0; r < r1; r++) memcpy(Wp + r * Dp, W + r * D, D * sizeof(float));
-    }
-    for (int s = 1; s <= steps; s++) {
-      #pragma omp for schedule(static)
-      for (int64_t i = 0; i < nq; i++) { /* Q = exp(-2 W delta / c) */
-        const int64_t g0 = i / (Vp / 64) * 4, v0 = i % (Vp / 64) * 64; float* o = Q + g0 * Vp + v0;
-        tile(dl + g0 * Dp, Dp, Wt + v0, Vp, D, o, Vp);
-        for (int a = 0; a < 4; a++) for (int k = 0; k < 64; k++) o[a * Vp + k] = fexp(clamp43(-2.f / c * o[a * Vp + k]));
-      }
-      grad_tasks(P, Q, Vp, y, w, lo, hi, tg, T, V, c, part, e);
-      #pragma omp for schedule(static)
-      for (int64_t k = 0; k < G; k++) { /* dL/du of each group: its tasks' parts, in order */
-        float* o = gu + k * V; memset(o, 0, V * sizeof(float));
-        for (int64_t t = gptr[k]; t < gptr[k + 1]; t++)
-          for (int64_t v = 0; v < V; v++) o[v] += part[t * V + v];
-      }
-      const float lr1 = lr / (1.f - powf(b1, s)), rb2 = 1.f / sqrtf(1.f - powf(b2, s));
-      #pragma omp for schedule(static)
-      for (int64_t i = 0; i < nd; i++) { /* dL/d delta = (dL/du) W, then AdamW (torch.optim.AdamW's rule) */
-        const int64_t g0 = i / (Dp / 64) * 4, d0 = i % (Dp / 64) * 64; float gd[4 * 64];
-        tile(gu + g0 * V, V, Wp + d0, Dp, V, gd, 64);
-        for (int a = 0; a < 4; a++)
-          for (int k = 0; k < 64; k++) {
-            const int64_t j = (g0 + a) * Dp + d0 + k; const float g = gd[a * 64 + k];
-            if (gout && s == steps && g0 + a < G && d0 + k < D) gout[(g0 + a) * D + d0 + k] = g;
-            m[j] = b1 * m[j] + (1.f - b1) * g; v2[j] = b2 * v2[j] + (1.f - b2) * g * g;
-            dl[j] = dl[j] * (1.f - lr * wd) - lr1 * m[j] / (sqrtf(v2[j]) * rb2 + eps);
-          }
-      }
-    }
-    free(e);
-    FTZ_OFF
-  }
-  for (int64_t k = 0; ok && k < G; k++) memcpy(delta + k * D, dl + k * Dp, D * sizeof(float));
-  free(P); free(Wt); free(Wp); free(st); free(Q); free(gu); free(part);
-  return ok;
-}
-static inline uint16_t fbf16(float v) { /* round to nearest even */
-  uint32_t b; memcpy(&b, &v, 4); return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
-/* training loss: nll[r] = CE(softcap(z_r), y_r) and dz = scale * (softmax - onehot) * softcap'(z), in z's dtype */
-void head_ce(const void* z, int bf16, const int64_t* y, int64_t R, int64_t V, float c, float scale, void* dz,
-             float* nll, int nth) {
-  const float k = 2.f / c;
-  #pragma omp parallel num_threads(nth)
-  {
-    FTZ_ON
-    float* e = (float*)malloc(3 * V * sizeof(float)); float *sp = e + V, *ab = e + 2 * V;
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; r++) {
-      const float* a = (const float*)z + r * V; float tot = 0.f;
-      if (bf16) {
-        const uint16_t* zb = (const uint16_t*)z + r * V;
-        for (int64_t v = 0; v < V; v++) ((uint32_t*)ab)[v] = (uint32_t)zb[v] << 16;
-        a = ab;
-      }
-      #pragma omp simd reduction(+:tot)
-      for (int64_t v = 0; v < V; v++) {
-        float s = 1.f / (1.f + fexp(clamp80(-k * a[v]))), ev = fexp(2.f * c * (s - 1.f));
-        e[v] = ev; sp[v] = 4.f * s * (1.f - s); tot += ev;
-      }
-      const int64_t j = y[r]; const float f = scale / tot;
-      nll[r] = logf(tot) - 2.f * c * (1.f / (1.f + fexp(clamp80(-k * a[j]))) - 1.f);
-      nan_if_nonfinite(a, V, nll + r);
-      const float dj = f * e[j] * sp[j] - scale * sp[j];
-      if (bf16) {
-        uint16_t* d = (uint16_t*)dz + r * V;
-        #pragma omp simd
-        for (int64_t v = 0; v < V; v++) d[v] = fbf16(f * e[v] * sp[v]);
-        d[j] = fbf16(dj);
-      } else {
-        float* d = (float*)dz + r * V;
-        #pragma omp simd
-        for (int64_t v = 0; v < V; v++) d[v] = f * e[v] * sp[v];
-        d[j] = dj;
-      }
-    }
-    free(e);
-    FTZ_OFF
-  }
-}
-/* NLL of softcap(z_r + U[grp_r]) at y_r, per row (the scored rows of the SLOT variant) */
-void slot_nll(const float* z, const float* U, const int64_t* grp, const int64_t* y, int64_t R, int64_t V, float c,
-              float* out, int nth) {
-  const float k = 2.f / c;
-  #pragma omp parallel num_threads(nth)
-  {
-  FTZ_ON
-  #pragma omp for schedule(static)
-  for (int64_t r = 0; r < R; r++) {
-    const float* zr = z + r * V; const float* u = U + grp[r] * V; float tot = 0.f; int64_t v0 = 0;
-#ifdef __AVX512F__
-    const __m512 one = _mm512_set1_ps(1.f), k2 = _mm512_set1_ps(k * 1.44269504f),
-                 hi = _mm512_set1_ps(115.415603f), A = _mm512_set1_ps(-2.f * c * 1.44269504f);
-    __m512 acc = _mm512_setzero_ps();
-    for (; v0 + 16 <= V; v0 += 16) {
-      const __m512 a = _mm512_mul_ps(k2, _mm512_add_ps(_mm512_loadu_ps(zr + v0), _mm512_loadu_ps(u + v0)));
-      const __m512 x = _mm512_add_ps(one, vexp2(_mm512_max_ps(_mm512_min_ps(a, hi), -hi)));
-      acc = _mm512_add_ps(acc, vexp2(_mm512_mul_ps(A, vrcp(x))));
-    }
-    tot = _mm512_reduce_add_ps(acc);
-#endif
-    #pragma omp simd reduction(+:tot)
-    for (int64_t v = v0; v < V; v++) tot += fexp(-2.f * c / (1.f + fexp(clamp80(k * (zr[v] + u[v])))));
-    const int64_t j = y[r];
-    out[r] = logf(tot) + 2.f * c / (1.f + fexp(clamp80(k * (zr[j] + u[j]))));
-    nan_if_nonfinite(zr, V, out + r);
-  }
-  FTZ_OFF
-  }
-}
-"""
-_kernel_lib: list = []  # [the loaded library, or None], built on first use
-
-
-def cpu_kernel():
-    """The compiled KERNEL_C (system C compiler, OpenMP), or None where it cannot be built; callers then run the same
-    math in torch ops. Built once per process in a temporary directory, so nothing is cached on disk."""
-    if not _kernel_lib:
-        lib, cc = None, shutil.which("cc") or shutil.which("gcc")
-        if cc:
-            d = tempfile.mkdtemp(prefix="kernel_c_")
-            try:
-                Path(d, "k.c").write_text(KERNEL_C)
-                for arch in (["-march=native"], []):  # link without -ffast-math: its crtfastmath.o would turn on
-                    # flush-to-zero for the whole process when the library loads
-                    r = subprocess.run([cc, "-O3", *arch, "-ffast-math", "-fno-strict-aliasing", "-fopenmp", "-fPIC",
-                                        "-c", "k.c", "-o", "k.o"], cwd=d, capture_output=True, timeout=120)
-                    if r.returncode == 0:
-                        r = subprocess.run([cc, "-shared", "-fopenmp", "k.o", "-o", "k.so", "-lm"], cwd=d,
-                                           capture_output=True, timeout=120)
-                    if r.returncode == 0:
-                        lib = ctypes.CDLL(str(Path(d, "k.so")))
-                        P, I, F32, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-                        lib.slot_fit.argtypes = [P, C] + [P] * 6 + [I] * 4 + [F32, P, C] + [F32] * 5 + [P, P, C]
-                        lib.slot_nll.argtypes = [P] * 4 + [I, I, F32, P, C]
-                        lib.head_ce.argtypes = [P, C, P, I, I, F32, F32, P, P, C]
-                        break
-            except (OSError, subprocess.TimeoutExpired):
-                lib = None
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
-        _kernel_lib.append(lib)
-    return _kernel_lib[0]
-
-
-def cptr(t: Tensor):
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def kernel_for(t: Tensor, dtypes=(torch.float32, torch.bfloat16)):
-    """The C kernels for tensor t, or None: CPU, an fp32/bf16 dtype, eager mode (under torch.compile: torch ops)."""
-    if t.device.type == "cpu" and t.dtype in dtypes and not torch.compiler.is_compiling():
-        return cpu_kernel()
-    return None
-
-
-def kernel_targets(y: Tensor, V: int) -> Tensor:
-    """Targets as the C kernels read them (contiguous int64), checked: C would read out of bounds, torch raises."""
-    y = y.long().contiguous()
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
-        raise IndexError(f"target out of range [0, {V})")
-    return y
 
 
 def peak_memory_mb(rt: Runtime) -> float:
@@ -1141,38 +845,19 @@ class GPT(nn.Module):
         """(B,T,D) -> (B,T,V) fp32 softcapped logits: the head."""
         return self.softcap(self.raw_logits(h))
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Mean training CE. The head matmul runs in the autocast dtype (bf16, as the reference); the softcapped CE in
-        fp32, fused in C on CPU (softcap_ce)."""
+    def forward(self, ids: Tensor, targets: Tensor, nll=None) -> Tensor:
+        """Mean training CE. The head matmul runs in the autocast dtype (bf16, as the reference), the softcapped CE in
+        fp32 (softcap_nll; pass its compiled version as `nll` when the trunk is eager)."""
         z = F.linear(self.forward_hidden(ids), self.head_weight())
-        return softcap_ce(z.flatten(0, 1), targets.flatten(), self.cfg.logit_softcap)
+        return (nll or softcap_nll)(z, targets, self.cfg.logit_softcap).mean()
 
 
-class SoftcapCE(torch.autograd.Function):
-    """Mean CE of softcap(z) through the C kernel: one pass gives the loss and dL/dz (saved, in z's dtype)."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, y: Tensor, c: float, lib) -> Tensor:
-        R, V = z.shape
-        z, y = z.contiguous(), kernel_targets(y, V)
-        dz, nll = torch.empty_like(z), torch.empty(R)
-        lib.head_ce(cptr(z), int(z.dtype == torch.bfloat16), cptr(y), R, V, c, 1.0 / R, cptr(dz), cptr(nll),
-                    torch.get_num_threads())
-        ctx.save_for_backward(dz)
-        return (nll.sum(dtype=torch.float64) / R).float()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        (dz,) = ctx.saved_tensors
-        return (dz if g.item() == 1 else (dz.float() * g).to(dz.dtype)), None, None, None
-
-
-def softcap_ce(z: Tensor, y: Tensor, c: float) -> Tensor:
-    """Mean CE of c*tanh(z/c) over rows (R,V): the C kernel on CPU in eager mode, else torch ops in fp32."""
-    lib = kernel_for(z)
-    if lib is None:
-        return F.cross_entropy(c * torch.tanh(z.float() / c), y)
-    return SoftcapCE.apply(z, y, c, lib)
+def softcap_nll(z: Tensor, y: Tensor, c: float) -> Tensor:
+    """Per-row CE of softcap(z) = c*tanh(z/c), (...,V) -> (...), in fp32 (float64 for a float64 z). Written as 2c*sigmoid(2z/c), which differs from
+    the softcap by the constant c that softmax ignores; elementwise ops and one row reduction, so torch.compile fuses
+    it into one kernel each way (Triton on CUDA, C++ on CPU)."""
+    a = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)) * (2 / c)) * (2 * c)
+    return F.cross_entropy(a.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
 
 def count_params(model: nn.Module) -> int:
@@ -1235,7 +920,7 @@ class ParallelMuon:
 
     @torch.no_grad()
     def step(self, clip_scale: float) -> None:
-        W, r = self.rt.world_size, self.rt.rank
+        W = self.rt.world_size
         gathers = []
         for b, per, buf, (g, _) in zip(self.banks, self.per, self.bufs, self._shards):
             g = g * clip_scale
@@ -1411,6 +1096,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
     accum = grad_accum_steps(cfg, rt.world_size)
     local_tokens = cfg.train_batch_tokens // (rt.world_size * accum)
     fwd = maybe_compile(model, rt)
+    nll = None if rt.compile else rt.fn(softcap_nll)  # a compiled model fuses its own loss
     opt = Optimizers(model, cfg, rt)
 
     def micro_steps(loader) -> Tensor:
@@ -1418,7 +1104,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
         for _ in range(accum):
             x, y = loader.next_batch(local_tokens, cfg.train_seq_len)
             with amp_ctx(rt):
-                loss = fwd(x, y)
+                loss = fwd(x, y, nll)
             (loss / accum).backward()
             total += loss.detach() / accum
         return total
@@ -1780,142 +1466,77 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
     return [(s, min(seq_len, hi - s)) for s in range(lo, hi, seq_len)]
 
 
-def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor, Tensor, int]:
-    """Which rows SLOT fits on: batch mode, every position but the last of every window, as the seed (one shared
-    delta: NOT causal);
-    causal mode, each window's last `context` positions before its first scored one (all if 0), one delta per
-    window. Returns (fit mask (B,T), group index per fitted row, number of groups)."""
-    pos = torch.arange(T, device=los.device)[None, :]
+def slot_weights(los: Tensor, T: int, mode: str, context: int) -> Tensor:
+    """What SLOT fits on, as loss weights per row that sum to 1 in each group (0: not fitted), for windows of length
+    T whose first scored positions are `los` (T: a padding window, which fits and scores nothing).
+    batch (the seed; one delta shared by the batch: NOT causal): every position but the last of every window, one
+    group of B*T rows in window order. causal: one group per window, its last `context` positions before its first
+    scored one (all if 0); window 0 has none. Returns (G, N) with G*N = B*T."""
+    pos, lo = torch.arange(T, device=los.device)[None, :], los[:, None]
     if mode == "batch":
-        mask = (pos < T - 1).expand(los.numel(), -1)
-        return mask, torch.zeros(int(mask.sum()), dtype=torch.long, device=los.device), 1
-    k = context or T
-    mask = (pos < los[:, None]) & (pos >= (los[:, None] - k))
-    group = torch.arange(los.numel(), device=los.device)[:, None].expand(-1, T)[mask]
-    return mask, group, los.numel()
+        fit = (pos < T - 1) & (lo < T)
+        return (fit / fit.sum().clamp_min(1)).view(1, -1)
+    fit = (pos < lo) & (pos >= lo - (context or T)) & (lo < T)
+    return fit / fit.sum(1, keepdim=True).clamp_min(1)
 
 
-def slot_tasks(group: Tensor, n_groups: int, block: int = 64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row blocks of the C kernel: each run of rows with one group, split every `block` rows from the run's start,
-    then ordered by group (stable). Returns (lo, hi, group of each block, gptr): group k's blocks are
-    gptr[k]:gptr[k+1]. The blocks of a group depend only on its own rows (slot_fit_rows gives each one run)."""
-    R = group.numel()
-    new_run = torch.ones(R, dtype=torch.bool)
-    new_run[1:] = group[1:] != group[:-1]
-    starts = torch.nonzero(new_run).flatten()
-    ends = torch.cat([starts[1:], torch.tensor([R])])
-    n_blk = (ends - starts + block - 1) // block
-    run = torch.repeat_interleave(torch.arange(starts.numel()), n_blk)
-    first = torch.cumsum(n_blk, 0) - n_blk
-    lo = starts[run] + block * (torch.arange(run.numel()) - first[run])
-    hi = torch.minimum(lo + block, ends[run])
-    tg = group[starts][run]
-    order = torch.sort(tg, stable=True).indices
-    gptr = torch.zeros(n_groups + 1, dtype=torch.long)
-    gptr[1:] = torch.cumsum(torch.bincount(tg, minlength=n_groups), 0)
-    return lo[order].contiguous(), hi[order].contiguous(), tg[order].contiguous(), gptr
+def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
+    """(G,D) deltas -> (G,V) logit shifts W delta. A reduction rather than a matmul: a BLAS product's rounding depends
+    on how many rows it has, and a window's delta must not depend on the batch it is fitted in."""
+    return (delta[:, None, :] * W).sum(-1)
 
 
-def slot_fit_c(lib, z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, W: Tensor, cfg: Config,
-               gout: Tensor | None = None) -> Tensor:
-    """fit_delta in KERNEL_C's slot_fit: every step in one call (P = exp(-2z/c) once, then per step the delta
-    matmuls, one fused pass over the rows, AdamW). gout (G,D), if given, receives the last step's gradient."""
-    R, V = z.shape
-    z, y, W = z.contiguous(), kernel_targets(y, V), W.float().contiguous()
-    lo, hi, tg, gptr = slot_tasks(group.cpu(), n_groups)
-    delta = torch.empty(n_groups, W.size(1))
-    if not lib.slot_fit(cptr(z), int(z.dtype == torch.bfloat16), cptr(y), cptr(weight.float().contiguous()), cptr(lo),
-                        cptr(hi), cptr(tg), cptr(gptr), n_groups, V, W.size(1), R, cfg.logit_softcap, cptr(W),
-                        cfg.slot_steps, cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_eps, cfg.slot_wd,
-                        cptr(delta), cptr(gout) if gout is not None else None, torch.get_num_threads()):
-        raise MemoryError(f"SLOT: no memory for {R} x {V} fitted logits (lower EVAL_BATCH_SEQS or SLOT_CONTEXT)")
-    return delta
+def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tensor:
+    """AdamW (torch.optim.AdamW's rule) on one hidden-state delta per group g, minimising sum_r wt[g,r] *
+    CE(softcap(z[g,r] + W delta_g), y[g,r]). z: (G,N,V) raw logits, cached (a step never runs the trunk nor the
+    head matmul), y: (G,N) targets, wt: (G,N) row weights (slot_weights). Returns (G,D) in z's dtype.
 
-
-def slot_grad_torch(z: Tensor, y: Tensor, group: Tensor, n_groups: int, weight: Tensor, c: float):
-    """The same map in torch ops (CUDA, float64, or no C compiler): elementwise work on row blocks that stay in
-    cache, with softcap(a) = 2c*sigmoid(2a/c) - c (the softmax drops the -c); each group summed in row order."""
-    R, V = z.shape
-    nb = R if z.is_cuda else max(1, min(R, (1 << 19) // V))  # CPU: 2 MB blocks stay in cache; GPU: one launch
-    xb, pb = z.new_empty(nb, V), z.new_empty(nb, V)
-    cell = group * V + y  # (group, target) of each row in the flat (G*V) gradient
-
-    def grad(u: Tensor) -> Tensor:
-        u.mul_(2 / c)
-        g = torch.zeros(n_groups, V, dtype=z.dtype, device=z.device)
-        for a in range(0, R, nb):
-            b = min(a + nb, R)
-            x, p, gr = xb[: b - a], pb[: b - a], group[a:b]
-            torch.index_select(u, 0, gr, out=x).add_(z[a:b], alpha=2 / c)
-            x.sigmoid_()  # s = sigmoid(2(z + W delta)/c)
-            torch.softmax(torch.mul(x, 2 * c, out=p), -1, out=p)
-            x.addcmul_(x, x, value=-1)  # s(1-s)
-            g.index_add_(0, gr, p.mul_(x))  # softmax part of d(CE)/d(z + W delta)
-            g.view(-1).index_add_(0, cell[a:b], x.gather(1, y[a:b, None]).squeeze(1), alpha=-1)  # one-hot part
-        return g.mul_(weight[:, None])
-    return grad
-
-
-def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
-
-    z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head; bf16 under
-    AMP), y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared
-    clipping. Returns (n_groups, D), fp32 for a bf16 z. Same update rule as torch.optim.AdamW. On CPU all of it
-    runs in KERNEL_C (slot_fit_c), else the gradient runs in torch ops (slot_grad_torch); both follow
-    softcap'(a) = 4s(1-s)."""
-    dt = torch.float32 if z.dtype == torch.bfloat16 else z.dtype
-    W = W.to(dt)
-    delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
-    if z.size(0) == 0 or cfg.slot_steps == 0:
-        return delta
-    weight = 4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt)  # group mean; softcap' = 4s(1-s)
-    lib = kernel_for(z)
-    if lib:
-        return slot_fit_c(lib, z, y, group, n_groups, weight, W, cfg)
-    grad = slot_grad_torch(z.to(dt), y, group, n_groups, weight, cfg.logit_softcap)
+    Dense, no atomics, no loop over rows: with P = exp(-2z/c) once and Q = exp(-2 W delta/c) per step,
+    s = sigmoid(2(z + W delta)/c) = 1/(1 + PQ), the softmax of the softcap is that of 2cs, e = exp(2c(s - 1)) needs
+    no max (s <= 1), and softcap' = 4s(1 - s). Every sum runs over one group's own rows or one delta's own entries,
+    so groups never interact, and a group's delta is the same bits whether it is fitted alone or in a batch."""
+    c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
+    W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
+    P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # clamped so that PQ stays finite (s moves by < e^-43)
+    hot = y[..., None] == torch.arange(z.size(-1), device=z.device)
+    delta = z.new_zeros(z.size(0), W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
-    lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
     for t in range(1, cfg.slot_steps + 1):
-        g = grad(delta @ W.T) @ W
-        delta.mul_(1 - lr * cfg.slot_wd)
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(cfg.slot_eps)
-        delta.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        s = 1 / (1 + P * torch.exp((slot_shift(delta, W) * (-2 / c)).clamp(-80, 43))[:, None, :])
+        e = torch.exp((s - 1) * (2 * c))
+        gu = ((e * (wt / e.sum(-1))[..., None] - hot * wt[..., None]) * (s - s * s)).sum(1)  # dL/d(W delta) (G,V)
+        g = (gu[:, :, None] * W).sum(1)  # dL/d delta (G,D), a reduction for the same reason as slot_shift
+        m = m * b1 + g * (1 - b1)
+        v = v * b2 + g * g * (1 - b2)
+        delta = delta * (1 - lr * cfg.slot_wd) - lr / (1 - b1 ** t) * m / (v.sqrt() / math.sqrt(1 - b2 ** t) + cfg.slot_eps)
     return delta
+
+
+def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bool) -> tuple[Tensor, Tensor | None]:
+    """The head on a batch of windows' hidden states h (B,T,D): per-position NLL (B,T) of the model ("plain") and,
+    with slot, of the model with the fitted delta added to h (the same hidden states). Dense over every position
+    with static shapes, so that torch.compile makes one graph of a few fused kernels per pass."""
+    z = F.linear(h, W)
+    plain = softcap_nll(z, y, cfg.logit_softcap)
+    if not slot:
+        return plain, None
+    wt = slot_weights(los, z.size(1), cfg.slot_mode, cfg.slot_context)
+    G, V = wt.size(0), z.size(-1)
+    delta = fit_delta(z.view(G, -1, V), y.reshape(G, -1), wt, W, cfg)
+    return plain, softcap_nll(z + slot_shift(delta, W).view(G, 1, V), y, cfg.logit_softcap)
 
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
                 slot: bool) -> tuple[Tensor, dict]:
     """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: fp64 NLL of scored rows}).
-    Variant "plain" is the model as is; "slot" adds the fitted delta (computed from the same hidden states)."""
-    B, T = x.shape
+    Variant "plain" is the model as is; "slot" adds the fitted delta. The head runs in fp32 (bf16 trunk)."""
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
-        h = h if h.dtype == torch.float64 else h.float()  # fp32 head (bf16 trunk); a float64 model stays float64
-        W = model.head_weight().to(h.dtype)
-        scored = torch.arange(T, device=x.device)[None, :] >= los[:, None]
-        zs, ys = F.linear(h[scored], W), y[scored]  # model.raw_logits, without its cast to fp32
-        out = {"plain": F.cross_entropy(model.softcap(zs), ys, reduction="none").double()}
-        if slot:
-            fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
-            zdt = torch.bfloat16 if rt.amp and h.dtype == torch.float32 else h.dtype  # fitted rows: bf16 under AMP
-            delta = fit_delta(F.linear(h.to(zdt)[fit], W.to(zdt)), y[fit], group, n_groups, W, cfg)
-            sgroup = torch.zeros(ys.numel(), dtype=torch.long, device=x.device) if cfg.slot_mode == "batch" else \
-                torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
-            U, c = (delta @ W.T).contiguous(), model.cfg.logit_softcap
-            lib = kernel_for(zs, (torch.float32,))
-            if lib:  # the scored rows stay fp32, as in "plain"
-                nll, yl = torch.empty(ys.numel()), kernel_targets(ys, zs.size(1))
-                lib.slot_nll(cptr(zs), cptr(U), cptr(sgroup), cptr(yl), ys.numel(), zs.size(1), c, cptr(nll),
-                             torch.get_num_threads())
-            else:
-                zd = torch.index_select(U, 0, sgroup).add_(zs)
-                nll = F.cross_entropy(zd.div_(c).tanh_().mul_(c), ys, reduction="none")  # model.softcap, in place
-            out["slot"] = nll.double()
-    return scored, out
+        h = h.to(torch.promote_types(h.dtype, torch.float32))  # a float64 model stays float64
+        nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, los, cfg, slot)
+    scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
+    return scored, {v: t[scored].double() for v, t in zip(("plain", "slot"), nll) if t is not None}
 
 
 def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
@@ -1940,7 +1561,7 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
             for n, starts in by_len.items():
                 xy = torch.stack([val.tokens[s: s + n + 1] for s in starts]).to(rt.device)
                 with amp_ctx(rt):
-                    loss = model(xy[:, :-1], xy[:, 1:])
+                    loss = model(xy[:, :-1], xy[:, 1:], rt.fn(softcap_nll))
                 (loss * (len(starts) * n / max(total, 1))).backward()
             for p in params:  # average over ranks (ranks with no rows contribute zero)
                 if p.grad is None:
@@ -1988,7 +1609,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             log(f"ctw: depth={cfg.ctw_depth} alpha={cfg.ctw_alpha or 1 / cfg.vocab_size:g} weight={cfg.ctw_weight} "
                 f"mix=linear(fixed) tokens={n} "
                 f"time={time.perf_counter() - t_ctw:.2f}s")
-    sums = torch.zeros(len(variants), 3, dtype=torch.float64)
+    sums = torch.zeros(len(variants), 3, dtype=torch.float64, device=rt.device)  # read once, at the end
     streams = {v: torch.full((n,), float("nan"), dtype=torch.float64) for v in variants} if collect else None
     hidden_fn = maybe_compile(model.forward_hidden, rt)
     luts = val.luts.to(rt.device) if val.luts is not None else None
@@ -2012,42 +1633,40 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             log(f"ttt_sliding:params unfrozen={count_params(model) - n_frozen} frozen={n_frozen}")
     t0 = time.perf_counter()
     model.eval()
+    B = min(batch_seqs, -(-len(plan) // world))  # every batch has B windows: one compiled shape per pass
     for ci, wins in enumerate(by_chunk):
         a, b = shard_range(len(wins), rank, world)
         mine = wins[a:b]
-        for bi in range(0, len(mine), batch_seqs):
-            batch = mine[bi: bi + batch_seqs]
-            T = batch[0][1]
-            idx = torch.tensor([ws for ws, _, _ in batch])[:, None] + torch.arange(T + 1)[None, :]
+        for bi in range(0, len(mine), B):
+            batch = mine[bi: bi + B]
+            T, pad = batch[0][1], B - len(batch)  # padding windows repeat the first one, fit and score nothing
+            idx = torch.tensor([ws for ws, _, _ in batch] + [batch[0][0]] * pad)[:, None] + torch.arange(T + 1)
             xy = tokens[idx].to(rt.device)
             x, y = xy[:, :-1], xy[:, 1:]
-            los = torch.tensor([lo for _, _, lo in batch], device=rt.device)
+            los = torch.tensor([lo for _, _, lo in batch] + [T] * pad, device=rt.device)
             scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)
-            if ctw:  # idx[:, j] = ws + j: the stream index of target y[:, j]
-                lp = ctw_lp[idx[:, :-1].to(rt.device)[scored]]
-                nlls.update({ctw_variant(v): ctw_mix(nlls[v], lp, cfg.ctw_weight) for v in list(nlls)})
-            nbytes = luts.target_bytes(x[scored], y[scored]).sum().item() if luts is not None else 0
+            pos = idx[:, :-1].to(rt.device)[scored]  # stream index of each scored target
+            if ctw:
+                nlls.update({ctw_variant(v): ctw_mix(nlls[v], ctw_lp[pos], cfg.ctw_weight) for v in list(nlls)})
+            nbytes = luts.target_bytes(x[scored], y[scored]).sum() if luts is not None else 0
             for vi, v in enumerate(variants):
-                sums[vi, 0] += nlls[v].sum().item()
+                sums[vi, 0] += nlls[v].sum()
                 sums[vi, 1] += nlls[v].numel()
                 sums[vi, 2] += nbytes
                 if collect:
-                    pos = (torch.tensor([ws for ws, _, _ in batch], device=rt.device)[:, None] +
-                           torch.arange(T, device=rt.device)[None, :])[scored]
                     streams[v][pos.cpu()] = nlls[v].cpu()
         if ttt and ci < n_chunks - 1:
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
             ttt_train_chunk(model, opt, params, frozen_banks, val, ci * C, min((ci + 1) * C, n), lr, cfg, rt)
         if ttt and log and (ci % 10 == 0 or ci == n_chunks - 1):
-            s = all_reduce_(sums.clone().to(rt.device)).cpu() if rt.world_size > 1 else sums
+            s = all_reduce_(sums.clone()).cpu()
             bpb = s[-1, 0] / math.log(2) / max(s[-1, 2].item(), 1)
             log(f"  ttt_chunk [{ci + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
     if ttt:
         model.load_state_dict(saved)
         for p in model.parameters():
             p.requires_grad_(True)
-    if rt.world_size > 1:
-        sums = all_reduce_(sums.to(rt.device)).cpu()
+    sums = all_reduce_(sums).cpu()
     out = {}
     for vi, v in enumerate(variants):
         nll, tok, nb = sums[vi].tolist()
@@ -2078,7 +1697,7 @@ def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
     windows, TTT and SLOT as configured) on one process. The model's weights are left as they were."""
     device = next(model.parameters()).device
     amp = cfg.amp and (device.type == "cuda" or cpu_bf16_is_fast())  # as setup_runtime decides it
-    rt = Runtime(device=device, amp=amp, compile=False)
+    rt = Runtime(device=device, amp=amp, compile=False, compile_head=cfg.compile_head)
     r = eval_pass(model, ValData(tokens.long().cpu(), None), cfg, rt, seq_len=cfg.eval_seq_len,
                   stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled,
                   ttt=cfg.ttt_enabled, collect=True)
@@ -2232,7 +1851,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     log(source.decode("utf-8"), console=False)
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
         f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)} "
-        f"cpu_kernel:{int(rt.device.type == 'cpu' and cpu_kernel() is not None)}")
+        f"compile_head:{int(rt.compile_head)}")
     for w in env_warnings(env):
         log(w)
     log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))

@@ -13,3 +13,12 @@ if str(REPO_ROOT) not in sys.path:
 def tg():
     import train_gpt
     return train_gpt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """Each test module starts with empty torch.compile caches: dynamo keeps at most 8 graphs per function, and the
+    modules compile the head with many configs (the compiled kernels themselves stay cached on disk)."""
+    import torch
+    torch._dynamo.reset()
+    yield

@@ -143,7 +143,7 @@ def tiny(tg, **kw):
     cfg = dataclasses.replace(tg.Config(), vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
                               rope_dims=8, ve_layers=(1,), xsa_last_n=1, bigram_vocab_size=32, bigram_dim=16,
                               ve_dim=16, eval_seq_len=32, eval_stride=8, eval_batch_seqs=4, ttt_chunk_tokens=64,
-                              ttt_enabled=False, slot_enabled=False, amp=False, ctw_weight=0.2)
+                              ttt_enabled=False, slot_enabled=False, amp=False, compile_head=False, ctw_weight=0.2)
     cfg = dataclasses.replace(cfg, **kw)
     torch.manual_seed(0)
     model = tg.GPT(cfg)

@@ -29,7 +29,7 @@ def base(tg):
         tg.Config(), vocab_size=V, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
         ve_layers=(1,), xsa_last_n=1, bigram_vocab_size=32, bigram_dim=16, ve_dim=16, eval_seq_len=32, eval_stride=8,
         eval_batch_seqs=4, ttt_chunk_tokens=64, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.005, amp=False,
-        compile=False, slot_enabled=False, ttt_enabled=False, slot_mode="causal", slot_lr=0.05, slot_steps=4)
+        compile=False, compile_head=False, slot_enabled=False, ttt_enabled=False, slot_mode="causal", slot_lr=0.05, slot_steps=4)
     cfg.validate()
     return cfg
 
@@ -120,17 +120,20 @@ def test_window_chunks_and_ttt_rows(tg):
         assert all(1 <= length <= s for _, length in rows)
 
 
-def test_slot_fit_rows(tg):
-    los = torch.tensor([0, 24, 24, 30])
-    mask, group, G = tg.slot_fit_rows(los, 32, "causal", 0)
-    assert G == 4 and mask.sum(1).tolist() == [0, 24, 24, 30]
-    assert bool((mask & (torch.arange(32)[None] >= los[:, None])).sum() == 0)  # never a scored row
-    assert group.tolist() == [1] * 24 + [2] * 24 + [3] * 30
-    mask, group, G = tg.slot_fit_rows(los, 32, "causal", 5)
-    assert mask.sum(1).tolist() == [0, 5, 5, 5] and bool(mask[3, 25:30].all())
-    mask, group, G = tg.slot_fit_rows(los, 32, "batch", 0)
-    assert G == 1 and bool(mask[:, :31].all()) and not bool(mask[:, 31].any()) and bool((group == 0).all())
-    assert group.numel() == 4 * 31  # the seed's rows: every position but the last
+def test_slot_weights(tg):
+    los = torch.tensor([0, 24, 24, 30, 32])  # the last: a padding window
+    wt = tg.slot_weights(los, 32, "causal", 0)
+    fit = wt > 0
+    assert wt.shape == (5, 32) and fit.sum(1).tolist() == [0, 24, 24, 30, 0]
+    assert not bool((fit & (torch.arange(32)[None] >= los[:, None])).any())  # never a scored row
+    torch.testing.assert_close(wt.sum(1), torch.tensor([0.0, 1, 1, 1, 0]))  # each window's mean loss
+    fit = tg.slot_weights(los, 32, "causal", 5) > 0
+    assert fit.sum(1).tolist() == [0, 5, 5, 5, 0] and bool(fit[3, 25:30].all())
+    wt = tg.slot_weights(los, 32, "batch", 0)
+    fit = wt.view(5, 32) > 0
+    assert wt.shape == (1, 5 * 32) and float(wt.sum()) == pytest.approx(1.0)  # one group: the whole batch
+    assert bool(fit[:4, :31].all()) and not bool(fit[:, 31].any()) and not bool(fit[4].any())
+    assert int(fit.sum()) == 4 * 31  # the seed's rows: every position but the last (padding windows: none)
 
 
 # ---- C4: every target scored exactly once ----
@@ -250,8 +253,9 @@ def test_positive_control_batch_shared_causal_delta_leaks(tg, model, tokens, bas
     """Causal (context-only) rows but ONE delta shared by the batch, as in PRs #1217/#1333: must be caught."""
     real = tg.fit_delta
 
-    def shared(z, y, group, n_groups, W, cfg):
-        return real(z, y, torch.zeros_like(group), 1, W, cfg).expand(n_groups, -1)
+    def shared(z, y, wt, W, cfg):
+        G, V = z.size(0), z.size(-1)
+        return real(z.reshape(1, -1, V), y.reshape(1, -1), wt.reshape(1, -1) / G, W, cfg).expand(G, -1)
 
     monkeypatch.setattr(tg, "fit_delta", shared)
     found = leaks(tg, model, tokens, cfg_of(base, slot_enabled=True))
@@ -260,12 +264,7 @@ def test_positive_control_batch_shared_causal_delta_leaks(tg, model, tokens, bas
 
 def test_positive_control_fit_on_scored_rows_leaks(tg, model, tokens, base, monkeypatch):
     """Per-window delta whose fit rows include the window's scored rows: must be caught."""
-    def own_rows(los, T, mode, context):
-        B = los.numel()
-        mask = torch.ones(B, T, dtype=torch.bool)
-        return mask, torch.arange(B)[:, None].expand(-1, T)[mask], B
-
-    monkeypatch.setattr(tg, "slot_fit_rows", own_rows)
+    monkeypatch.setattr(tg, "slot_weights", lambda los, T, mode, context: torch.full((los.numel(), T), 1 / T))
     found = leaks(tg, model, tokens, cfg_of(base, slot_enabled=True))
     assert sum(found.values()) > 0
 
@@ -274,10 +273,10 @@ def test_positive_control_fit_on_first_scored_row_leaks(tg, model, base, monkeyp
     """Off by one: the fit rows include the window's first scored row. Only that row's own prediction leaks (later
     ones may depend on it), which the perturbation test cannot see; the target sweep does."""
     def off_by_one(los, T, mode, context):
-        mask = torch.arange(T)[None, :] <= los[:, None]
-        return mask, torch.arange(los.numel())[:, None].expand(-1, T)[mask], los.numel()
+        fit = torch.arange(T)[None, :] <= los[:, None]
+        return fit / fit.sum(1, keepdim=True)
 
-    monkeypatch.setattr(tg, "slot_fit_rows", off_by_one)
+    monkeypatch.setattr(tg, "slot_weights", off_by_one)
     t = target_sweep(tg, model, cfg_of(base, slot_enabled=True), 24)["slot"]
     assert (t[0] - 1).abs() > 1e-3
 
@@ -343,59 +342,83 @@ def test_score_batch_windows_are_independent(tg, model, base):
     assert not torch.equal(bat["slot"][win == 1], bat2["slot"][win == 1])  # control: the shared delta couples them
 
 
-def fit_problem(G=4, rows=(7, 0, 12, 3), D=16, seed=4):
+def fit_problem(rows=(7, 0, 12, 3), D=16, seed=4, extra=2, dtype=torch.float64, vocab=V):
+    """Dense fit inputs: group g has rows[g] fitted rows (weight 1/rows[g]) then rows of weight 0 up to N."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(V, D, generator=g, dtype=torch.float64)
-    group = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r in enumerate(rows)])
-    z = 20 * torch.randn(group.numel(), V, generator=g, dtype=torch.float64)  # wide: the softcap matters
-    y = torch.randint(0, V, (group.numel(),), generator=g)
-    return z, y, group, G, W
+    G, N = len(rows), max(rows) + extra
+    W = torch.randn(vocab, D, generator=g, dtype=dtype) / D ** 0.5 * 4
+    z = 20 * torch.randn(G, N, vocab, generator=g, dtype=dtype)  # wide: the softcap matters
+    y = torch.randint(0, vocab, (G, N), generator=g)
+    fit = torch.arange(N)[None, :] < torch.tensor(rows)[:, None]
+    return z, y, fit / fit.sum(1, keepdim=True).clamp_min(1), W
 
 
 def test_fit_delta_groups_do_not_interact(tg, base):
-    cfg = cfg_of(base, slot_steps=6)
-    z, y, group, G, W = fit_problem()
-    ref = tg.fit_delta(z, y, group, G, W, cfg)
-    assert ref.dtype == torch.float64 and ref.shape == (G, W.size(1))
-    assert torch.equal(ref[1], torch.zeros_like(ref[1])) and ref[0].abs().min() > 0  # empty group: delta 0
-    z2, y2 = z.clone(), y.clone()
-    z2[group == 2] += torch.randn_like(z2[group == 2])
-    y2[group == 2] = (y2[group == 2] + 1) % V
-    new = tg.fit_delta(z2, y2, group, G, W, cfg)
-    others = torch.arange(G) != 2
-    assert torch.equal(new[others], ref[others]) and not torch.equal(new[2], ref[2])
-    # the same rows split differently (one group alone) give the same delta, up to rounding
-    one = tg.fit_delta(z[group == 3], y[group == 3], torch.zeros(3, dtype=torch.long), 1, W, cfg)
-    torch.testing.assert_close(one[0], ref[3], rtol=0, atol=1e-12)
+    """Bit-exact: a group's delta does not depend on the other groups' rows, on its own zero-weight rows, on being
+    fitted alone, or on the thread count (every sum runs over one group's rows or one delta's entries)."""
+    for dt in (torch.float64, torch.float32):
+        cfg = cfg_of(base, slot_steps=6)
+        z, y, wt, W = fit_problem(dtype=dt)
+        ref = tg.fit_delta(z, y, wt, W, cfg)
+        assert ref.dtype == dt and ref.shape == (4, W.size(1))
+        assert torch.equal(ref[1], torch.zeros_like(ref[1])) and ref[0].abs().min() > 0  # empty group: delta 0
+        z2, y2 = z.clone(), y.clone()
+        z2[2] += torch.randn_like(z2[2])
+        y2[2] = (y2[2] + 1) % V
+        z2[0, 7:] += 1.0  # group 0's rows of weight 0
+        new = tg.fit_delta(z2, y2, wt, W, cfg)
+        others = torch.arange(4) != 2
+        assert torch.equal(new[others], ref[others]) and not torch.equal(new[2], ref[2])
+        for g in (0, 3):
+            assert torch.equal(tg.fit_delta(z[g:g + 1], y[g:g + 1], wt[g:g + 1], W, cfg)[0], ref[g])
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(tg.fit_delta(z, y, wt, W, cfg), ref)
+        finally:
+            torch.set_num_threads(1)
 
 
-def reference_adamw(z, y, group, G, W, cfg):
+def reference_adamw(z, y, wt, W, cfg):
     c = cfg.logit_softcap
-    delta = torch.zeros(G, W.size(1), dtype=z.dtype, requires_grad=True)
+    delta = torch.zeros(z.size(0), W.size(1), dtype=z.dtype, requires_grad=True)
     opt = torch.optim.AdamW([delta], lr=cfg.slot_lr, betas=(cfg.slot_beta1, cfg.slot_beta2), eps=cfg.slot_eps,
                             weight_decay=cfg.slot_wd)
-    count = torch.bincount(group, minlength=G).to(z.dtype)
     for _ in range(cfg.slot_steps):
         opt.zero_grad()
-        logits = c * torch.tanh((z + (delta @ W.T)[group]) / c)
-        nll = F.cross_entropy(logits, y, reduction="none")
-        (nll / count[group]).sum().backward()  # sum over groups of each group's mean CE
+        logits = c * torch.tanh((z + (delta @ W.T)[:, None, :]) / c)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        (nll * wt).sum().backward()  # sum over groups of each group's mean CE
         opt.step()
     return delta.detach()
 
 
-@pytest.mark.parametrize("rows", [(40,), (7, 0, 12, 3), (5000, 0, 4500)])  # the last: > 1 row block on CPU
+@pytest.mark.parametrize("rows", [(40,), (7, 0, 12, 3), (5000, 0, 4500)])
 @pytest.mark.parametrize("wd", [1e-8, 0.3])
 def test_fit_delta_matches_torch_adamw(tg, base, rows, wd):
     cfg = cfg_of(base, slot_steps=5, slot_lr=0.05, slot_wd=wd)
-    z, y, group, G, W = fit_problem(G=len(rows), rows=rows)
-    got = tg.fit_delta(z, y, group, G, W, cfg)
-    want = reference_adamw(z, y, group, G, W, cfg)
+    z, y, wt, W = fit_problem(rows=rows)
+    got = tg.fit_delta(z, y, wt, W, cfg)
+    want = reference_adamw(z, y, wt, W, cfg)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     cfg3 = cfg_of(cfg, slot_beta1=0.3, slot_beta2=0.9, slot_eps=1e-3, logit_softcap=7.0)
-    torch.testing.assert_close(tg.fit_delta(z, y, group, G, W, cfg3), reference_adamw(z, y, group, G, W, cfg3),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(tg.fit_delta(z, y, wt, W, cfg3), reference_adamw(z, y, wt, W, cfg3), rtol=0, atol=1e-10)
+
+
+def test_fit_delta_extreme_and_nonfinite_logits(tg, base):
+    """Logits of +-5000 (far past the clamp of P = exp(-2z/c)) give a finite delta equal to the autograd reference;
+    a nan logit gives a nan delta for its own group only (the NaN guards see it), never for the others."""
+    cfg = cfg_of(base, slot_steps=3, slot_lr=0.05)
+    z, y, wt, W = fit_problem(dtype=torch.float32)
+    z[:, ::7, ::3] = -5000.0
+    z[:, ::11, 1::5] = 5000.0
+    got = tg.fit_delta(z, y, wt, W, cfg)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, reference_adamw(z.double(), y, wt.double(), W.double(), cfg).float(),
+                               rtol=0, atol=1e-4)
+    z[2, 0, 5] = float("nan")
+    bad = tg.fit_delta(z, y, wt, W, cfg)
+    assert bad[2].isnan().all() and torch.equal(bad[[0, 1, 3]], got[[0, 1, 3]])
 
 
 # ---- TTT legality ----
@@ -470,17 +493,9 @@ def test_stage_compliance(tg, base):
     assert tg.final_variant(base) == "plain"
 
 
-# ---- KERNEL_C: the CPU kernel of the SLOT fit and score ----
-@pytest.fixture(scope="module")
-def lib(tg):
-    import shutil
-    k = tg.cpu_kernel()
-    if k is None:
-        assert not shutil.which("cc") and not shutil.which("gcc"), "a C compiler is present but KERNEL_C did not build"
-        pytest.skip("no C compiler: SLOT runs in torch ops")
-    return k
 
 
+# ---- the compiled head (COMPILE_HEAD=1, the default of a run) ----
 @pytest.fixture(scope="module")
 def model32(tg, base, model):
     m = tg.GPT(base)
@@ -488,115 +503,32 @@ def model32(tg, base, model):
     return m.eval()
 
 
-def test_slot_tasks(tg):
-    group = torch.tensor([0] * 130 + [2] * 5 + [1] * 64)
-    lo, hi, tgr, gptr = tg.slot_tasks(group, 4)
-    assert gptr.tolist() == [0, 3, 4, 5, 5]  # group 3 has no rows, so no block
-    assert list(zip(lo.tolist(), hi.tolist(), tgr.tolist())) == [
-        (0, 64, 0), (64, 128, 0), (128, 130, 0), (135, 199, 1), (130, 135, 2)]
-
-
-def fit_problem32(R=(150, 0, 70, 9), V=100, D=24, seed=7):  # V not a multiple of the vector width
-    z, y, group, G, W = fit_problem(G=len(R), rows=R, D=D, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    z = 20 * torch.randn(group.numel(), V, generator=g)
-    y = torch.randint(0, V, (group.numel(),), generator=g)
-    return z, y, group, len(R), torch.randn(V, D, generator=g) / D ** 0.5
-
-
-@pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_gradient_matches_torch(tg, lib, base, zdt):
-    """slot_fit's dL/d delta against the torch map: at delta = 0 (step 1) and at the delta step 1 reached (step 2)."""
-    z, y, group, G, W = fit_problem32()
-    z[::7, ::3] = -5000.0  # far past the kernel's clamp of P = exp(-2z/c) at e^43
-    z[::11, 1::5] = 5000.0
-    z = z.to(zdt)
-    weight = 4.0 / torch.bincount(group, minlength=G).clamp_min(1).float()
-    ref = tg.slot_grad_torch(z.float(), y, group, G, weight, base.logit_softcap)
-    d = torch.zeros(G, W.size(1))
-    for steps in (1, 2):
-        got = torch.full((G, W.size(1)), float("nan"))
-        new = tg.slot_fit_c(lib, z, y, group, G, weight, W, cfg_of(base, slot_steps=steps, slot_lr=0.5), gout=got)
-        want = ref(d @ W.T) @ W
-        assert want.abs().max() > 1e-3 and torch.equal(got[1], torch.zeros_like(got[1]))  # group 1 has no rows
-        torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
-        d = new
-    assert (d @ W.T).abs().max() > 0.5  # the second gradient saw a large u = W delta
-
-
-def test_fit_delta_kernel_matches_torch_path(tg, lib, base, monkeypatch):
-    cfg = cfg_of(base, slot_steps=6, slot_lr=0.05)
-    z, y, group, G, W = fit_problem32()
-    got = tg.fit_delta(z, y, group, G, W, cfg)
-    monkeypatch.setattr(tg, "cpu_kernel", lambda: None)
-    want = tg.fit_delta(z, y, group, G, W, cfg)
-    assert want.abs().max() > 0.1
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-
-
-def test_cpu_kernel_groups_and_threads_do_not_interact(tg, lib, base):
-    """A group's delta does not depend on the other groups' rows, on being fitted alone, or on the thread count:
-    bit-exact (every sum in KERNEL_C runs in an order fixed within one group)."""
-    cfg = cfg_of(base, slot_steps=5, slot_lr=0.05)
-    z, y, group, G, W = fit_problem32()
-    ref = tg.fit_delta(z, y, group, G, W, cfg)
-    z2, y2 = z.clone(), y.clone()
-    z2[group == 2] += torch.randn_like(z2[group == 2])
-    y2[group == 2] = (y2[group == 2] + 1) % z.size(1)
-    new = tg.fit_delta(z2, y2, group, G, W, cfg)
-    others = torch.arange(G) != 2
-    assert torch.equal(new[others], ref[others]) and not torch.equal(new[2], ref[2])
-    alone = tg.fit_delta(z[group == 0], y[group == 0], torch.zeros(150, dtype=torch.long), 1, W, cfg)
-    assert torch.equal(alone[0], ref[0])
-    torch.set_num_threads(2)
-    try:
-        assert torch.equal(tg.fit_delta(z, y, group, G, W, cfg), ref)
-    finally:
-        torch.set_num_threads(1)
-
-
-@pytest.mark.parametrize("mode", ["causal", "batch"])
-def test_cpu_kernel_score_matches_torch(tg, lib, model32, base, mode, monkeypatch):
-    cfg = cfg_of(base, slot_enabled=True, slot_mode=mode)
+def test_compiled_head_matches_eager_and_keeps_windows_apart(tg, model32, base):
+    """torch.compile'd head_nll scores as the eager one (fp32: to 2e-5), and a window's compiled delta is the same
+    bits fitted alone or in a batch."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
     los = torch.tensor([0, 24, 24, 8])
-    _, got = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
-    monkeypatch.setattr(tg, "cpu_kernel", lambda: None)
-    _, want = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
-    assert torch.equal(got["plain"], want["plain"])
-    assert (want["slot"] - want["plain"]).abs().max() > 1e-3
-    torch.testing.assert_close(got["slot"], want["slot"], rtol=1e-5, atol=1e-5)
+    compiled = tg.Runtime(device=torch.device("cpu"), amp=False, compile_head=True)
+    for mode in ("causal", "batch"):
+        cfg = cfg_of(base, slot_enabled=True, slot_mode=mode)
+        _, want = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
+        _, got = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, compiled, True)
+        assert (want["slot"] - want["plain"]).abs().max() > 1e-3
+        for v in ("plain", "slot"):
+            torch.testing.assert_close(got[v], want[v], rtol=0, atol=2e-5)
+    z, yy, wt, W = fit_problem(rows=(30, 0, 12, 25), dtype=torch.float32)
+    fit = compiled.fn(tg.fit_delta)
+    cfg = cfg_of(base, slot_steps=3, slot_lr=0.05)
+    both = fit(z, yy, wt, W, cfg)
+    torch.testing.assert_close(both, tg.fit_delta(z, yy, wt, W, cfg), rtol=0, atol=1e-5)
+    assert torch.equal(fit(z[3:], yy[3:], wt[3:], W, cfg)[0], both[3])
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(slot_context=5), dict(ttt_enabled=True)])
-def test_cpu_kernel_path_is_causal(tg, lib, model32, tokens, base, kw):
-    """The perturbation test over the fp32 model, whose SLOT runs in KERNEL_C; batch mode is the positive control."""
-    assert leaks(tg, model32, tokens, cfg_of(base, slot_enabled=True, **kw)) == {u: 0 for u in PROBES}
-    assert sum(leaks(tg, model32, tokens, cfg_of(base, slot_enabled=True, slot_mode="batch", **kw)).values()) > 0
-
-
-def test_bf16_fit_logits_match_fp32(tg, lib, model32, base):
-    """Under AMP the fitted rows' logits are bf16 (slot.md 5.4 item 4): the delta they give scores like the fp32
-    one: the mean NLL to within 1% of SLOT's own effect on every window, each row to within 5%."""
-    cfg = cfg_of(base, slot_enabled=True, slot_steps=8, slot_lr=0.02)
-    g = torch.Generator().manual_seed(9)
-    x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
-    los = torch.tensor([24, 24, 16, 8])
-    with torch.no_grad():
-        h = model32.forward_hidden(x)
-        W = model32.head_weight()
-        fit, group, G = tg.slot_fit_rows(los, 32, "causal", 0)
-        scored = torch.arange(32)[None, :] >= los[:, None]
-        sg = torch.arange(4)[:, None].expand(-1, 32)[scored]
-
-        def nll(delta):
-            return F.cross_entropy(model32.softcap(F.linear(h[scored], W) + (delta @ W.T)[sg]), y[scored],
-                                   reduction="none")
-        d32 = tg.fit_delta(F.linear(h[fit], W), y[fit], group, G, W, cfg)
-        d16 = tg.fit_delta(F.linear(h[fit].bfloat16(), W.bfloat16()), y[fit], group, G, W, cfg)
-        plain, a, b = nll(torch.zeros_like(d32)), nll(d32), nll(d16)
-    for w in range(4):
-        effect = (a[sg == w] - plain[sg == w]).abs().mean()
-        d = b[sg == w] - a[sg == w]
-        assert effect > 1e-3 and d.mean().abs() < 0.01 * effect and d.abs().mean() < 0.05 * effect
+@pytest.mark.parametrize("kw", [dict(), dict(ttt_enabled=True)])
+def test_compiled_path_is_causal(tg, model32, tokens, base, kw):
+    """The perturbation test over the fp32 model through the compiled head (as a run scores); batch mode is the
+    positive control."""
+    cfg = cfg_of(base, slot_enabled=True, compile_head=True, **kw)
+    assert leaks(tg, model32, tokens, cfg, probes=PROBES[::2]) == {u: 0 for u in PROBES[::2]}
+    assert sum(leaks(tg, model32, tokens, cfg_of(cfg, slot_mode="batch"), probes=PROBES[::3]).values()) > 0

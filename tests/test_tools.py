@@ -177,16 +177,14 @@ def test_check_causality_artifact_with_ttt(tools, monkeypatch, capsys, tmp_path)
 def test_check_causality_catches_a_leak_labelled_causal(tools, monkeypatch, capsys):
     """Positive control: a causal mode that (wrongly) fits on its own scored rows must fail with exit 1."""
     tg = tools["_common"].tg
-    real = tg.slot_fit_rows
+    real = tg.slot_weights
 
     def leaky(los, T, mode, context):
         if mode != "causal":
             return real(los, T, mode, context)
-        mask = torch.ones(los.numel(), T, dtype=torch.bool, device=los.device)
-        group = torch.arange(los.numel(), device=los.device)[:, None].expand(-1, T)[mask]
-        return mask, group, los.numel()
+        return torch.full((los.numel(), T), 1 / T, device=los.device)
 
-    monkeypatch.setattr(tg, "slot_fit_rows", leaky)
+    monkeypatch.setattr(tg, "slot_weights", leaky)
     set_env(monkeypatch, SMALL_EVAL)
     rc = tools["check_causality"].main(["--random-tiny", "--positions", "2", "--tokens", "160", "--data", "random",
                                         "--modes", "off,causal"])

@@ -52,7 +52,8 @@ def tiny_env(data: Path, tok: Path, out: Path, **extra) -> dict:
     """Env of a tiny competition-preset run: every shape/length knob shrunk, every feature left on."""
     env = dict(
         PRESET="competition", DATA_PATH=str(data), TOKENIZER_PATH=str(tok), OUT_DIR=str(out), RUN_ID="tiny",
-        DEVICE="cpu", AMP="0", VOCAB_SIZE=str(VOCAB), NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
+        DEVICE="cpu", AMP="0", COMPILE="0", COMPILE_HEAD="0", VOCAB_SIZE=str(VOCAB), NUM_LAYERS="2", MODEL_DIM="64",
+        NUM_HEADS="2", NUM_KV_HEADS="1",
         ROPE_DIMS="16", VE_LAYERS="0,1", XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", VE_DIM="16",
         TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS=str(8 * 32), EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_CHUNK_TOKENS="64",
         ITERATIONS="3", MAX_WALLCLOCK_SECONDS="0", WARMUP_STEPS="1", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="1",

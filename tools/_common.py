@@ -24,7 +24,7 @@ class ToolError(Exception):
 
 
 def tiny_config(cfg: "tg.Config | None" = None, **over) -> "tg.Config":
-    base = cfg or tg.Config(preset="cpu", compile=False, amp=False)
+    base = cfg or tg.Config(preset="cpu", compile=False, compile_head=False, amp=False)
     return dataclasses.replace(base, **{**TINY, **over})
 
 

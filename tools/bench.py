@@ -307,15 +307,13 @@ def chunk_windows(tg, plan, cfg, ttt: bool) -> list[list]:
 
 
 def slot_extra_mb(r: dict, spec: dict) -> float:
-    """Analytic size of the largest tensors SLOT adds per scoring batch: the hidden states cast to the fit dtype
-    (bf16 under AMP) and the fitted rows' copy, their logits z in that dtype and P = exp(-kz) in fp32 (the C kernel;
-    the torch path holds two fp32 row blocks instead of P)."""
+    """Analytic size of the largest tensors SLOT adds per scoring batch (head_nll, dense over the batch): P =
+    exp(-2z/c) and the one-hot mask of the fitted logits, two fp32 temporaries of the same size per step, and the
+    shifted logits that are scored."""
     if not spec.get("slot"):
         return 0.0
-    B, T, s, V, D = r["batch_seqs"], r["seq"], r["stride"], r["vocab"], r["model_dim"]
-    rows = B * (T - 1) if spec["slot_mode"] == "batch" else B * min(spec["slot_context"] or T - s, T - s)
-    zb = 2 if r["amp"] else 4
-    return (B * T * D * zb + rows * (D * zb + V * zb + V * 4)) / 2**20
+    B, T, V = r["batch_seqs"], r["seq"], r["vocab"]
+    return B * T * V * (4 * 4 + 1) / 2**20
 
 
 def run_worker(args, spec: dict) -> dict:

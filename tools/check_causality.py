@@ -5,8 +5,8 @@ sliding windows, score-first TTT and SLOT as the environment configures them), t
 random positions u, replaces stream[u] by another token, rescores, and counts the targets before u whose NLL
 moved. A compliant evaluation (condition C1: a prediction depends only on the artifact and the strict prefix)
 moves none of them, not by a single bit: everything runs on the CPU, one thread, in float64 by default (the logic, in
-torch ops) or with --dtype float32 / amp (the C kernels and bf16 autocast of a CPU run), so "unchanged" means
-identical. The modes are SLOT off, SLOT_MODE=batch (the seed, labelled non-causal: expected to leak) and
+eager torch ops) or with --dtype float32 / amp (the torch.compile'd head of a CPU run, COMPILE_HEAD=1 by default, and
+bf16 autocast), so "unchanged" means identical. The modes are SLOT off, SLOT_MODE=batch (the seed, labelled non-causal: expected to leak) and
 SLOT_MODE=causal; every other eval setting (EVAL_SEQ_LEN, EVAL_STRIDE, EVAL_BATCH_SEQS, TTT_*, SLOT_LR, ...)
 comes from the environment exactly as train_gpt.py reads it.
 
@@ -126,7 +126,8 @@ def build_model(args, cfg):
         cfg = tiny_config(cfg)
         model = random_tiny_model(cfg, args.seed)
         what = "random tiny model"
-    cfg = dataclasses.replace(cfg, amp=args.dtype == "amp", compile=False)
+    cfg = dataclasses.replace(cfg, amp=args.dtype == "amp", compile=False,
+                              compile_head=cfg.compile_head and args.dtype != "float64")
     what += f" ({cfg.num_layers}x{cfg.model_dim}, {tg.count_params(model):,} params)"
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     return model.to(dtype).cpu().eval(), cfg, what
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=0.0, help="|dNLL| that counts as moved (default 0: any bit)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--dtype", choices=("float64", "float32", "amp"), default="float64",
-                    help="float64 (default: the logic, in torch ops), float32 (the CPU run's SLOT and loss kernels) "
+                    help="float64 (default: the logic, in eager torch ops), float32 (the CPU run's compiled head) "
                          "or amp (float32 + bf16 autocast where this CPU runs it fast: the CPU run's exact path)")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any requested mode leaks, batch included")
     args = ap.parse_args(argv)

@@ -63,9 +63,10 @@ def fit_prompt_delta(model, ids: list[int], h: torch.Tensor, cfg, steps: int, lr
         return torch.zeros(1, W.size(1)), float("nan"), float("nan")
     y = torch.tensor(ids[1:], dtype=torch.long)
     z = model.raw_logits(h[:-1])
-    delta = tg.fit_delta(z, y, torch.zeros_like(y), 1, W, dataclasses.replace(cfg, slot_steps=steps, slot_lr=lr))
+    wt = torch.full((1, y.numel()), 1 / y.numel())
+    delta = tg.fit_delta(z[None], y[None], wt, W, dataclasses.replace(cfg, slot_steps=steps, slot_lr=lr))
     before = F.cross_entropy(model.softcap(z), y).item()
-    after = F.cross_entropy(model.softcap(z + delta @ W.T), y).item()
+    after = F.cross_entropy(model.softcap(z + tg.slot_shift(delta, W)), y).item()
     return delta, before, after
 
 
