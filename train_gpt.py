@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import importlib
 import json
 import lzma
 import math
@@ -39,14 +40,6 @@ try:
     import brotli
 except ImportError:
     brotli = None
-try:  # flash-attn 3 (Hopper), else flash-attn 2, else SDPA
-    from flash_attn_interface import flash_attn_func as _fa3
-except ImportError:
-    _fa3 = None
-try:
-    from flash_attn import flash_attn_func as _fa2
-except ImportError:
-    _fa2 = None
 
 
 class UserError(Exception):
@@ -360,17 +353,21 @@ class Runtime:
 
 
 def setup_runtime(cfg: Config, env) -> Runtime:
-    """The only place that reads torchrun's variables and picks the device and process group."""
+    """The only place that reads torchrun's variables and picks the device, the attention kernel and the process
+    group. TF32 stays off (torch's default): the fp32 matmuls left under AMP are the scoring head's, exact by design."""
+    if cfg.device == "cuda" or (not cfg.device and torch.version.cuda):
+        if not torch.cuda.is_available():  # never fall back to the CPU silently on a GPU machine
+            raise UserError(cuda_problem() + ("" if cfg.device else ": set DEVICE=cpu to run on the CPU on purpose"))
     want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("DEVICE=cuda but no CUDA device is available: unset DEVICE or use DEVICE=cpu")
     world = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if want == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_math_sdp(False)  # a fallback to SDPA's T x T math kernel fails instead of crawling
+        load_flash_attn(device)
+    ATTN_CALLS.clear()
+    ATTN_CALLS.update({n: torch.zeros((), dtype=torch.long, device=device) for n in ("flash_attn_3", "flash_attn_2", "sdpa")})
     if world > 1 and not dist.is_initialized():
         if want == "cuda":
             dist.init_process_group("nccl", device_id=device)
@@ -379,6 +376,80 @@ def setup_runtime(cfg: Config, env) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank,
                    amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile,
                    compile_head=cfg.compile or cfg.compile_head)
+
+
+def cuda_problem() -> str:
+    """Why CUDA is unusable, in one line: a CPU build of torch, a driver older than the build, or no device."""
+    if torch.version.cuda is None:
+        return (f"DEVICE=cuda but torch {torch.__version__} is a CPU build: install the CUDA build of torch 2.13.0 "
+                "for your driver (README: Your first GPU run)")
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "driver" in why.lower():
+            return f"CUDA unusable: the NVIDIA driver is too old for this torch (CUDA {torch.version.cuda}): {why}"
+        return f"CUDA unusable: {why}"
+    return f"CUDA unusable: no CUDA device visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})"
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention on (B,T,H,D) q and (B,T,Hkv,D) k/v; the only attention dispatch in the file: flash-attn
+    (bf16 on CUDA, when load_flash_attn found one that works), else SDPA. Counts its calls per backend."""
+    if _flash and q.is_cuda and q.dtype == torch.bfloat16:
+        name, fn = _flash[0]
+        y = fn(q, k, v, causal=True)
+        y = y[0] if isinstance(y, tuple) else y
+    else:
+        name, y = "sdpa", sdpa(q, k, v)
+    if name in ATTN_CALLS:
+        ATTN_CALLS[name] += 1  # a device tensor: counted inside compiled graphs too, without a recompile
+    return y
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """torch's SDPA on (B,T,H,D) with K/V heads repeated up to q's: SDPA takes GQA (enable_gqa) in its flash kernel
+    only, so fp32 (AMP=0) or a mask would fall to the math kernel, which holds the T x T matrix (out of memory at
+    T=2048), and cuDNN attention (Hopper; up to 75% faster than FlashAttention-2, PyTorch 2.5 release notes) would
+    not be eligible (pytorch/pytorch#139586)."""
+    r = q.size(2) // k.size(2)
+    k, v = (t.repeat_interleave(r, dim=2) if r > 1 else t for t in (k, v))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None)
+    return y.transpose(1, 2)
+
+
+_flash: list = []  # [(name, fn)]: the flash-attn kernel attend calls (setup_runtime, CUDA, after a probe)
+FLASH_NOTES: list = []  # why an installed flash-attn is not used
+ATTN_CALLS: dict = {}  # attention calls per backend (0-dim tensors, set up by setup_runtime): what actually ran
+
+
+def load_flash_attn(device) -> None:
+    """flash-attn 3 (Hopper), else 2: the first that imports and passes one causal GQA call against SDPA. A wheel
+    built for another torch fails here (any exception, not only ImportError) and is noted, not used."""
+    _flash.clear()
+    for name, module in (("flash_attn_3", "flash_attn_interface"), ("flash_attn_2", "flash_attn")):
+        try:
+            fn = importlib.import_module(module).flash_attn_func
+        except ImportError:
+            continue
+        except Exception as e:
+            FLASH_NOTES.append(f"{name} does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            continue
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(1, 256, 4, 64, device=device, dtype=torch.bfloat16, generator=g)
+            k, v = q[:, :, :2].contiguous(), q[:, :, 2:].contiguous()
+            out = fn(q, k, v, causal=True)
+            out = out[0] if isinstance(out, tuple) else out
+            err = (out.float() - sdpa(q, k, v).float()).abs().max().item()
+            if not err < 0.05:
+                raise RuntimeError(f"differs from SDPA by {err:.3g}")
+        except Exception as e:
+            FLASH_NOTES.append(f"{name} fails its first call ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            continue
+        _flash.append((name, fn))
+        return
 
 
 def cpu_bf16_is_fast() -> bool:
@@ -425,7 +496,14 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 
 def maybe_compile(fn, rt: Runtime):
-    return torch.compile(fn, dynamic=False) if rt.compile else fn
+    """The model's functions under COMPILE: static shapes, one graph each (fullgraph: a graph break is an error)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True) if rt.compile else fn
+
+
+def train_loss_fn(model, rt: Runtime):
+    """(forward, nll) of a training step: the compiled model (its loss fused in), or the eager trunk with the loss
+    compiled alone (COMPILE_HEAD)."""
+    return (maybe_compile(model, rt), None) if rt.compile else (model, rt.fn(softcap_nll))
 
 
 def peak_memory_mb(rt: Runtime) -> float:
@@ -613,26 +691,13 @@ def load_tokenizer_luts(cfg: Config) -> ByteLuts:
 
 
 # ---- model ----
+def wide(t: Tensor) -> Tensor:
+    """t in fp32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention on (B,T,H,D) q and (B,T,Hkv,D) k/v; the only attention dispatch in the file."""
-    if q.is_cuda and q.dtype == torch.bfloat16 and (_fa3 or _fa2):
-        out = (_fa3 or _fa2)(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
-
-
-def attention_backend(device: torch.device) -> str:
-    if device.type == "cuda" and _fa3:
-        return "flash_attn_3"
-    if device.type == "cuda" and _fa2:
-        return "flash_attn_2"
-    return "sdpa"
 
 
 def fake_quant_int6(w: Tensor) -> Tensor:
@@ -642,7 +707,8 @@ def fake_quant_int6(w: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head, rotate-half style inside them.
+    """Partial RoPE on the first `dims` dims of each head, rotate-half style inside them. The tables are computed per
+    call (no cache: a Python cache would change torch.compile's guards between a fresh and a used model).
 
     NTK scaling keys on the reference's hard-coded train length of 1024 (quirk kept: at T=2048 the base
     becomes base*2^(dims/(dims-2)), which is what the seed's numbers were measured with)."""
@@ -652,21 +718,17 @@ class Rotary(nn.Module):
     def __init__(self, dims: int, base: float):
         super().__init__()
         self.dims, self.base = dims, base
-        self._cache: dict = {}
 
-    def cos_sin(self, T: int, device) -> tuple[Tensor, Tensor]:
-        key = (T, str(device))
-        if key not in self._cache:
-            base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
-            inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims)
-            ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
-            self._cache[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
-        return self._cache[key]
+    def tables(self, T: int, device) -> tuple[Tensor, Tensor]:
+        """(cos, sin), fp32 (T, dims/2), for a sequence of T positions (T sets the NTK base)."""
+        base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
+        inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64, device=device) / self.dims)
+        ang = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv)
+        return ang.cos().float(), ang.sin().float()
 
-    def __call__(self, x: Tensor) -> Tensor:  # (B,T,H,D)
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B,T,H,D), tables (T, dims/2)
         if self.dims == 0:
             return x
-        cos, sin = self.cos_sin(x.size(1), x.device)
         cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
         half = self.dims // 2
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
@@ -716,7 +778,9 @@ class Block(nn.Module):
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, ve, cache=None):
+    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve, cache=None):
+        """Norms, RoPE, XSA and relu^2 in fp32 on every device (what CUDA autocast does to rms_norm, normalize and
+        pow; CPU autocast would keep bf16), the matmuls and attention in the autocast dtype (v's)."""
         B, T, D = x.shape
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln
@@ -726,28 +790,22 @@ class Block(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.Hkv, self.hd)
-        if cache is None:
-            q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
-        else:  # KV cache (generation): these T tokens sit at positions P..P+T-1 after the P cached ones
-            P = cache["k"].size(1) if "k" in cache else 0
-            n = max(P + T, cache.get("rope_len", 0))  # RoPE table length (its NTK base depends on it)
-            q, k = (rotary(F.pad(rms_norm(t), (0, 0, 0, 0, P, n - P - T)))[:, P:P + T] for t in (q, k))
+        q, k = (rotary(rms_norm(wide(t)), *rope).to(v.dtype) for t in (q, k))  # bf16 q/k for flash-attn
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:
             y = attend(q, k, v)
-        else:
+        else:  # KV cache (generation): these T tokens sit at positions P..P+T-1 after the P cached ones
+            P = cache["k"].size(1) if "k" in cache else 0
             kc = torch.cat((cache["k"], k), 1) if P else k
             vc = torch.cat((cache["v"], v), 1) if P else v
             cache["k"], cache["v"] = kc, vc
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=self.Hkv != self.H).transpose(1, 2)
+            y = sdpa(q, kc, vc, torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P))
         if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
-            yg = y.view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
-            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            yg = wide(y).view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
+            vn = F.normalize(wide(v), dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.hd)
         x = x + self.attn_scale * F.linear(y.reshape(B, T, D), wo.to(y.dtype))
-        u = F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5).square()
+        u = wide(F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5)).square()
         return x + self.mlp_scale * F.linear(u, wdown.to(u.dtype))
 
 
@@ -803,8 +861,9 @@ class GPT(nn.Module):
         last token and embedding; `ids` are then the tokens after the cached ones, and only they are computed. The
         result equals one uncached call on the whole sequence (to float rounding) while the sequence is at most
         Rotary.NTK_LEN tokens long; cache["rope_len"] = n fixes the RoPE table at n positions, as a call of n uses."""
-        L = self.cfg.num_layers
-        qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.qat and self.training else self.banks()
+        L, T = self.cfg.num_layers, ids.size(1)
+        # self.training first: in eval mode dynamo never reads the QAT flag, so it never recompiles for it
+        qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.training and self.qat else self.banks()
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + (self.bigram(ids) if cache is None or "ids" not in cache else
@@ -817,14 +876,16 @@ class GPT(nn.Module):
             prev = torch.cat((cache["x"], x[:, :-1]), 1) if "x" in cache else F.pad(x[:, :-1], (0, 0, 1, 0))
             cache["ids"], cache["x"] = ids[:, -1:], x[:, -1:]
             x = (1 - g) * x + g * prev
-            layers = cache.setdefault("layers", [{"rope_len": cache.get("rope_len", 0)} for _ in self.blocks])
+            layers = cache.setdefault("layers", [{} for _ in self.blocks])
+        P = layers[0]["k"].size(1) if cache is not None and "k" in layers[0] else 0
+        rope = [t[P:P + T] for t in self.rotary.tables(max(P + T, (cache or {}).get("rope_len", 0)), ids.device)]
         x0, skips = x, []
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         for i, blk in enumerate(self.blocks):
             if i >= self.n_enc and skips:
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve_i = ve * self.ve_shared.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, ve_i,
+            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, rope, ve_i,
                     None if cache is None else layers[i])
             if i < self.n_enc:
                 skips.append(x)
@@ -856,7 +917,7 @@ def softcap_nll(z: Tensor, y: Tensor, c: float) -> Tensor:
     """Per-row CE of softcap(z) = c*tanh(z/c), (...,V) -> (...), in fp32 (float64 for a float64 z). Written as 2c*sigmoid(2z/c), which differs from
     the softcap by the constant c that softmax ignores; elementwise ops and one row reduction, so torch.compile fuses
     it into one kernel each way (Triton on CUDA, C++ on CPU)."""
-    a = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)) * (2 / c)) * (2 * c)
+    a = torch.sigmoid(wide(z) * (2 / c)) * (2 * c)
     return F.cross_entropy(a.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
 
@@ -869,7 +930,8 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
-    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices (bf16 where bf16 is fast)."""
+    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices, in `dtype` (bf16 where bf16 is fast;
+    the update is all-gathered in it)."""
     a, b, c = NS_COEFFS
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
@@ -879,7 +941,7 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.mT if tall else X).float()
+    return X.mT if tall else X
 
 
 class ParallelMuon:
@@ -902,9 +964,10 @@ class ParallelMuon:
             if W == 1:
                 self._shards.append((g, None))
                 continue
-            pad = torch.zeros(per * W, *g.shape[1:], device=g.device, dtype=torch.float32)
+            dt = torch.bfloat16 if self.rt.amp else torch.float32  # bf16 under AMP, as the reference's collectives
+            pad = torch.zeros(per * W, *g.shape[1:], device=g.device, dtype=dt)
             pad[: g.size(0)] = g
-            out = torch.empty(per, *g.shape[1:], device=g.device, dtype=torch.float32)
+            out = torch.empty(per, *g.shape[1:], device=g.device, dtype=dt)
             self._shards.append((out, dist.reduce_scatter_tensor(out, pad, async_op=True)))
 
     def shard_sq_norm(self) -> Tensor:
@@ -919,15 +982,14 @@ class ParallelMuon:
         return total
 
     @torch.no_grad()
-    def step(self, clip_scale: float) -> None:
+    def step(self, clip_scale: Tensor | None) -> None:
         W = self.rt.world_size
         gathers = []
         for b, per, buf, (g, _) in zip(self.banks, self.per, self.bufs, self._shards):
-            g = g * clip_scale
+            g = g if clip_scale is None else g * clip_scale
             buf.mul_(self.momentum).add_(g)
             upd = newton_schulz(g + self.momentum * buf, self.cfg.muon_backend_steps,
                                 torch.bfloat16 if self.rt.amp else torch.float32)
-            upd *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
             if W == 1:
                 gathers.append((b, upd, None))
                 continue
@@ -936,7 +998,8 @@ class ParallelMuon:
         for b, full, work in gathers:
             if work is not None:
                 work.wait()
-            b.mul_(1 - self.lr * self.cfg.muon_wd).add_(full[: b.size(0)].to(b.dtype), alpha=-self.lr)
+            shape_scale = max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            b.mul_(1 - self.lr * self.cfg.muon_wd).add_(full[: b.size(0)].to(b.dtype), alpha=-self.lr * shape_scale)
 
     def state_dict(self) -> dict:
         return {"bufs": [t.clone() for t in self.bufs]}
@@ -963,9 +1026,11 @@ class Optimizers:
         for g in groups:
             g["base_lr"] = g["lr"]
         self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                      weight_decay=cfg.adam_wd, fused=rt.cuda)
+                                      weight_decay=cfg.adam_wd, fused=True)  # one kernel, no .item() per step
         self.muon = ParallelMuon(banks, cfg, rt)
         self.replicated = [p for g in groups for p in g["params"]]
+        # grads all-reduced per dtype: the embedding tables' in bf16 under AMP (the reference's bf16 parameters)
+        self.comm = [(emb, torch.bfloat16 if rt.amp else torch.float32), (self.replicated[len(emb):], torch.float32)]
 
     def set_schedule(self, lr_mul: float, step: int) -> None:
         for g in self.adam.param_groups:
@@ -973,23 +1038,26 @@ class Optimizers:
         self.muon.lr = self.cfg.matrix_lr * lr_mul
         self.muon.momentum = muon_momentum_at(step, self.cfg)
 
-    def step(self) -> float:
-        """Average grads over ranks, clip by the global norm, step both optimizers. Returns the grad norm."""
+    def step(self) -> Tensor:
+        """Average grads over ranks, clip by the global norm, step both optimizers, all without a host sync.
+        Returns the grad norm (a 0-dim tensor)."""
         self.muon.launch()
         grads = [p.grad for p in self.replicated if p.grad is not None]
-        if self.rt.world_size > 1 and grads:
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
-            all_reduce_(flat).div_(self.rt.world_size)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off: off + g.numel()].view_as(g))
-                off += g.numel()
+        for params, dt in self.comm if self.rt.world_size > 1 else ():
+            part = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([g.reshape(-1).to(dt) for g in part]) if part else None
+            if flat is not None:
+                all_reduce_(flat).div_(self.rt.world_size)
+                off = 0
+                for g in part:
+                    g.copy_(flat[off: off + g.numel()].view_as(g))
+                    off += g.numel()
         sq = sum((g.double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.rt.device))
         bank_sq = self.muon.shard_sq_norm()
-        total = (sq + all_reduce_(bank_sq)).sqrt().item()
+        total = (sq + all_reduce_(bank_sq.float()).double()).sqrt()  # fp32 on the wire
         clip = self.cfg.grad_clip_norm
-        scale = min(1.0, clip / (total + 1e-6)) if clip > 0 else 1.0
-        if scale < 1.0:
+        scale = (clip / (total + 1e-6)).clamp(max=1.0).float() if clip > 0 else None
+        if scale is not None:
             torch._foreach_mul_(grads, scale)
         self.adam.step()
         self.muon.step(scale)
@@ -1095,8 +1163,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
     """Wall-clock-budgeted training; returns {steps, train_seconds}. EMA weights are applied at the end."""
     accum = grad_accum_steps(cfg, rt.world_size)
     local_tokens = cfg.train_batch_tokens // (rt.world_size * accum)
-    fwd = maybe_compile(model, rt)
-    nll = None if rt.compile else rt.fn(softcap_nll)  # a compiled model fuses its own loss
+    fwd, nll = train_loss_fn(model, rt)
     opt = Optimizers(model, cfg, rt)
 
     def micro_steps(loader) -> Tensor:
@@ -1109,20 +1176,26 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
             total += loss.detach() / accum
         return total
 
-    if cfg.warmup_steps:  # prime compile/allocator on real steps, then restore the initial state
-        init_model, init_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+    if cfg.warmup_steps:  # prime every graph and the allocator on real steps, then restore the initial state
+        init_model, init_opt, t_warm = copy.deepcopy(model.state_dict()), opt.state_dict(), clock()
         loader = DistributedLoader(cfg, rt)
-        model.train()
         for ws in range(cfg.warmup_steps):
+            model.train()
+            model.qat = cfg.qat_enabled or (cfg.late_qat and ws == cfg.warmup_steps - 1 > 0)  # late QAT's graph too
             opt.zero_grad()
             micro_steps(loader)
             opt.set_schedule(1.0, 0)
             opt.step()
             if cfg.warmup_steps <= 20 or (ws + 1) % 10 == 0 or ws + 1 == cfg.warmup_steps:
                 log(f"warmup_step:{ws + 1}/{cfg.warmup_steps}")
+        model.qat = cfg.qat_enabled
+        if cfg.val_loss_every:  # the in-loop validation's graphs: one batch per rank of the same shape
+            rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
+            evaluate_plain(model, ValData(val.tokens[: rows * rt.world_size * cfg.train_seq_len + 1], val.luts), cfg, rt)
         model.load_state_dict(init_model)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
+        log(f"warmup:done seconds:{clock() - t_warm:.1f}")
     loader = DistributedLoader(cfg, rt)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
     model.qat = cfg.qat_enabled
@@ -1157,23 +1230,24 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
         if ema is not None:
             ema.update()
         step += 1
-        loss_v = loss.item()
-        if not math.isfinite(loss_v):
-            raise UserError(f"non-finite training loss ({loss_v}) at step {step}: lower the learning rates "
-                            "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
         elapsed = train_ms + 1000 * (clock() - t0)
+        # the step's one host sync: 2 if the loss is not finite (on any rank), else 1 once the time is up
+        flag = (~loss.isfinite()).float() * 2 + float(cfg.max_wallclock_seconds > 0 and
+                                                      elapsed >= 1000 * cfg.max_wallclock_seconds)
+        flag = all_reduce_(flag, dist.ReduceOp.MAX).item()
+        if flag >= 2:
+            raise UserError(f"non-finite training loss ({loss.item()}) at step {step}: lower the learning rates "
+                            "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        reached = flag == 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.4f}", lr_mul=f"{mul:.3f}")
-        reached = torch.tensor(float(cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds),
-                               device=rt.device)
-        if rt.world_size > 1:
-            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
         if step <= 10 or step % max(cfg.train_log_every, 1) == 0 or step == cfg.iterations or \
-                (reached.item() and not stop_after):  # the last training step is always logged
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss_v:.4f} train_time:{elapsed:.0f}ms "
+                (reached and not stop_after):  # the last training step is always logged
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
-        if reached.item() and not stop_after:
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr_mul=f"{mul:.3f}")
+        if reached and not stop_after:
             stop_after = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
     if bar is not None:
@@ -1456,6 +1530,12 @@ def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
     return plan
 
 
+def pass_batch(n_windows: int, batch_seqs: int, world: int) -> int:
+    """Windows per scoring batch of a pass: every batch has as many (the last one padded), so a compiled pass has
+    one shape."""
+    return min(batch_seqs, -(-n_windows // world))
+
+
 def window_chunks(plan, chunk_tokens: int) -> list[int]:
     """TTT chunk of each window: the chunk of its first scored position."""
     return [(ws + lo) // chunk_tokens for ws, _, lo in plan]
@@ -1533,7 +1613,7 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
-        h = h.to(torch.promote_types(h.dtype, torch.float32))  # a float64 model stays float64
+        h = wide(h)  # a float64 model stays float64
         nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, los, cfg, slot)
     scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
     return scored, {v: t[scored].double() for v, t in zip(("plain", "slot"), nll) if t is not None}
@@ -1549,6 +1629,7 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
     n_batches = max(-(-len(rows) // (cfg.ttt_batch_seqs * rt.world_size)), 1)  # equal on every rank
     for g in opt.param_groups:
         g["lr"] = lr
+    fwd, nll = train_loss_fn(model, rt)
     model.train()
     for _ in range(cfg.ttt_epochs):
         for bi in range(n_batches):
@@ -1561,7 +1642,7 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
             for n, starts in by_len.items():
                 xy = torch.stack([val.tokens[s: s + n + 1] for s in starts]).to(rt.device)
                 with amp_ctx(rt):
-                    loss = model(xy[:, :-1], xy[:, 1:], rt.fn(softcap_nll))
+                    loss = fwd(xy[:, :-1], xy[:, 1:], nll)
                 (loss * (len(starts) * n / max(total, 1))).backward()
             for p in params:  # average over ranks (ranks with no rows contribute zero)
                 if p.grad is None:
@@ -1633,7 +1714,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             log(f"ttt_sliding:params unfrozen={count_params(model) - n_frozen} frozen={n_frozen}")
     t0 = time.perf_counter()
     model.eval()
-    B = min(batch_seqs, -(-len(plan) // world))  # every batch has B windows: one compiled shape per pass
+    B = pass_batch(len(plan), batch_seqs, world)
     for ci, wins in enumerate(by_chunk):
         a, b = shard_range(len(wins), rank, world)
         mine = wins[a:b]
@@ -1807,19 +1888,20 @@ def ctw_mix(nll: Tensor, ctw_lp: Tensor, w: float) -> Tensor:
 
 
 def estimate_eval_seconds(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> float:
-    """Extrapolate the sliding and TTT passes from one timed scoring batch (forward ~1/3 of a train step)."""
-    T = min(cfg.eval_seq_len, val.tokens.numel() - 1)
-    x = val.tokens[: cfg.eval_batch_seqs * T].view(-1, T)[: cfg.eval_batch_seqs].to(rt.device) \
-        if val.tokens.numel() > cfg.eval_batch_seqs * T else val.tokens[:T][None].to(rt.device)
-    los = torch.full((x.size(0),), max(T - cfg.eval_stride, 0), device=rt.device)
-    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)  # warm
-    sync(rt)
-    t = time.perf_counter()
-    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)
-    sync(rt)
-    per_token = (time.perf_counter() - t) / x.numel()
+    """Extrapolate the sliding and TTT passes from one timed scoring batch of the sliding pass's shape, through the
+    same compiled functions (its compile, on the first call, is the pass's own; forward ~1/3 of a train step)."""
     n = val.tokens.numel() - 1
-    windows = len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
+    T, windows = min(cfg.eval_seq_len, n), len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
+    B = pass_batch(windows, cfg.eval_batch_seqs, rt.world_size)
+    x = val.tokens[: T + 1].repeat(B, 1).to(rt.device)
+    los = torch.full((B,), max(T - cfg.eval_stride, 0), device=rt.device)
+    hidden_fn = maybe_compile(model.forward_hidden, rt)
+    for i in range(2):  # warm, then timed
+        sync(rt)
+        t = time.perf_counter()
+        score_batch(model, hidden_fn, x[:, :-1], x[:, 1:], los, cfg, rt, cfg.slot_enabled)
+        sync(rt)
+    per_token = (time.perf_counter() - t) / (B * T)
     scoring = windows * T * per_token / rt.world_size
     ttt = scoring + 3 * cfg.ttt_epochs * n * per_token / rt.world_size if cfg.ttt_enabled else 0.0
     return scoring + ttt
@@ -1850,9 +1932,9 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
     log(source.decode("utf-8"), console=False)
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
-        f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)} "
+        f"attention:{_flash[0][0] if _flash and rt.cuda else 'sdpa'} amp:{int(rt.amp)} compile:{int(rt.compile)} "
         f"compile_head:{int(rt.compile_head)}")
-    for w in env_warnings(env):
+    for w in env_warnings(env) + [f"WARNING: {n}: attention falls back to SDPA" for n in FLASH_NOTES]:
         log(w)
     log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))
     luts = load_tokenizer_luts(cfg)
@@ -1958,6 +2040,8 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     summary["val_bpb_compliant"] = summary["stages"][compliant[-1]]["val_bpb"] if compliant else None
     summary["val_bytes"] = res["plain"]["bytes"]
     summary["peak_memory_mb"] = peak_memory_mb(rt)
+    summary["attention_calls"] = {k: int(v) for k, v in ATTN_CALLS.items() if int(v)}
+    log("attention_calls " + " ".join(f"{k}:{v}" for k, v in summary["attention_calls"].items()))
     log(f"final stage:{last} val_bpb:{summary['val_bpb']:.8f} compliance:{summary['stages'][last]['compliance']} "
         f"eval_seconds:{summary['eval_seconds']:.1f} peak_memory_mb:{summary['peak_memory_mb']:.0f}")
     if rt.is_main:

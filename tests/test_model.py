@@ -217,8 +217,8 @@ def test_newton_schulz_is_scale_invariant_and_bf16_close(tg):
     a = tg.newton_schulz(G, 5, torch.float32)
     torch.testing.assert_close(tg.newton_schulz(G * 1000.0, 5, torch.float32), a, rtol=1e-4, atol=1e-4)
     b = tg.newton_schulz(G, 5, torch.bfloat16)
-    assert b.dtype == torch.float32
-    assert (b - a).abs().max() < 0.1
+    assert b.dtype == torch.bfloat16  # in its compute dtype: the update is all-gathered in it
+    assert (b.float() - a).abs().max() < 0.1
 
 
 # ---- optimizers ----
@@ -258,7 +258,7 @@ def test_optimizer_step_clips_and_updates_banks(tg):
     model(ids, ids.roll(-1, 1)).backward()
     expect = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters())).item()
     opt.set_schedule(1.0, 0)
-    norm = opt.step()
+    norm = float(opt.step())
     assert norm == pytest.approx(expect, rel=1e-9)
     assert norm > 0.3  # so the clip was active
     for b, b0 in zip(model.banks(), before):

@@ -282,3 +282,36 @@ def test_run_fits_the_artifact_into_the_target(tg, e2e, tiny_data, tmp_path, mon
     assert re.search(rf"^artifact_fit: int6 step x[\d.]+ to fit ARTIFACT_TARGET_BYTES={target} ", log, re.M)
     assert fit["stages"]["post_ema"]["val_loss"] == base["stages"]["post_ema"]["val_loss"]  # only the export differs
     assert fit["stages"]["roundtrip"]["val_loss"] != base["stages"]["roundtrip"]["val_loss"]
+
+
+# ---- host syncs of a training step ----
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts what blocks the host on a GPU: .item(), bool() and tolist() (aten._local_scalar_dense, is_nonzero), and
+    copies from a device to the CPU. On a CPU every tensor is a host tensor, so each of these counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.n += 1
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device", src.device)
+            self.n += int(src.device.type != "cpu" and torch.device(dst).type == "cpu")
+        return func(*args, **kwargs)
+
+
+def test_a_training_step_syncs_the_host_once(tg, tiny_data, tmp_path, monkeypatch):
+    """A step that logs nothing has one host sync: the stop decision (time up, or a non-finite loss on any rank), as
+    the reference's one per step. Counted over the steps of two runs that differ by two unlogged steps."""
+    counts = {}
+    for iters in (12, 14):
+        cfg = small_cfg(tg, *tiny_data, ITERATIONS=iters, WARMUP_STEPS=0, TRAIN_LOG_EVERY=1000, WARMDOWN_ITERS=4)
+        with SyncCounter() as c:
+            out, *_ = run_train(tg, cfg, tmp_path, FakeClock(0.01), monkeypatch)
+        assert out["steps"] == iters
+        counts[iters] = c.n
+    assert (counts[14] - counts[12]) / 2 == 1, counts

@@ -124,6 +124,79 @@ def train_worker(args) -> int:
     return 0
 
 
+# The reference #549's work per step at the competition shape, from parameter_golf.md: its tensors (5.1) and dtypes
+# (5.4: the three embedding tables are bf16 parameters, everything else fp32) and its Parallel Muon (6.3: the banks
+# padded to a multiple of the world size in bf16 buffers, reduce-scattered and all-gathered; every other grad
+# all-reduced in its parameter's dtype; 7: the stop flag every step). Ring collectives: a reduce-scatter or all-gather sends (W-1)/W of the full
+# buffer per rank, an all-reduce twice that.
+REF_BANKS = ((22, 512 * 512), (22, 256 * 512), (11, 1536 * 512), (11, 512 * 1536))  # (matrices, elements each)
+REF_BF16_REPLICATED = 1024 * 512 + 1536 * 128 + 1024 * 128  # tok_emb, bigram.embed, ve_shared.embed
+REF_PARAMS = 26_928_220
+
+
+def ref_work_per_step(world: int = 8) -> dict:
+    banks = sum(-(-n // world) * world * e for n, e in REF_BANKS)
+    replicated = REF_PARAMS - sum(n * e for n, e in REF_BANKS)
+    ring = (world - 1) / world
+    sent = 2 * ring * 2 * banks + 2 * ring * (2 * REF_BF16_REPLICATED + 4 * (replicated - REF_BF16_REPLICATED))
+    return dict(collective_bytes=sent + 2 * ring * 8)  # + the stop flag (7: an int64 all-reduced MAX every step)
+
+
+def our_work_per_step(world: int = 8) -> dict:
+    """Bytes each rank sends per training step at the competition shape and world size `world`, counted by running
+    train_gpt's own Optimizers.step with the collectives replaced by recorders (no process group, no GPU)."""
+    import torch
+    import torch.distributed as dist
+    import train_gpt as tg
+    cfg = tg.Config.from_env({"PRESET": "competition", "DEVICE": "cpu"})
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    rt = tg.Runtime(device=torch.device("cpu"), world_size=world, amp=True)
+    opt = tg.Optimizers(model, cfg, rt)
+    ring, sent = (world - 1) / world, []
+
+    class Done:
+        def wait(self):
+            pass
+
+    def rs(out, inp, async_op=False, **kw):
+        sent.append(ring * inp.numel() * inp.element_size())
+        return Done()
+
+    def ag(out, inp, async_op=False, **kw):
+        sent.append(ring * out.numel() * out.element_size())
+        return Done()
+
+    def ar(t, op=None):
+        sent.append(2 * ring * t.numel() * t.element_size())
+        return t
+    saved = dist.reduce_scatter_tensor, dist.all_gather_into_tensor, tg.all_reduce_
+    dist.reduce_scatter_tensor, dist.all_gather_into_tensor, tg.all_reduce_ = rs, ag, ar
+    try:
+        opt.set_schedule(1.0, 0)
+        opt.step()
+    finally:
+        dist.reduce_scatter_tensor, dist.all_gather_into_tensor, tg.all_reduce_ = saved
+    ar(torch.zeros(()))  # the step's stop decision (one float, all-reduced MAX)
+    return dict(collective_bytes=sum(sent), flops_per_token=model_flops_per_token(model, cfg),
+                params=tg.count_params(model))
+
+
+def print_work_per_step() -> None:
+    ours, ref = our_work_per_step(), ref_work_per_step()
+    ref_flops = ours["flops_per_token"] if ours["params"] == REF_PARAMS else float("nan")  # same shapes, same count
+    print("# work per training step at the competition shape, world size 8 (counted from the code; the reference "
+          "#549 from parameter_golf.md 5.1, 5.4, 6.3)")
+    print("| | model FLOPs per token | collective MB sent per rank per step |")
+    print("|---|---|---|")
+    print(f"| ours | {ours['flops_per_token'] / 1e6:.1f} M | {ours['collective_bytes'] / 1e6:.1f} |")
+    print(f"| reference #549 | {ref_flops / 1e6:.1f} M | {ref['collective_bytes'] / 1e6:.1f} |")
+    ok = ours["flops_per_token"] <= ref_flops and ours["collective_bytes"] <= ref["collective_bytes"]
+    print(f"work per step vs the reference: {'PASS' if ok else 'FAIL'} (neither may exceed it)")
+
+
 def bench_train(args) -> int:
     if args.one:
         return train_worker(args)
@@ -169,9 +242,108 @@ def bench_train(args) -> int:
         print(f"| {r['mode']} | {r['steps']} | {r['train_seconds'] / r['steps']:.2f} | {tps:.0f} | "
               f"{r['flops_per_token'] / 1e6:.1f} | {gf:.1f} | {100 * gf / peak32:.1f}% | {100 * gf / peak16:.0f}% | "
               f"{r['peak_mb']:.0f} | {r['process_seconds']:.0f} |")
+    print_work_per_step()
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows=rows, peak_fp32=peak32, peak_bf16=peak16), indent=1) + "\n")
     return 0 if ok else 1
+
+
+# ---- compile ----
+COMPILE_ENV = dict(  # a tiny competition-shaped config with every feature on; late QAT switches on at step 6 of 8
+    PRESET="competition", DEVICE="cpu", COMPILE="1", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2",
+    NUM_KV_HEADS="1", ROPE_DIMS="16", VE_LAYERS="0,1", XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16",
+    VE_DIM="16", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS=str(8 * 2 * 64), EVAL_SEQ_LEN="64", EVAL_STRIDE="16",
+    EVAL_BATCH_SEQS="8", TTT_CHUNK_TOKENS="256", TTT_BATCH_SEQS="2", VAL_MAX_TOKENS="1000", VAL_BATCH_SIZE="512",
+    ITERATIONS="8", WARMUP_STEPS="2", WARMDOWN_ITERS="4", LATE_QAT_THRESHOLD="0.5", MAX_WALLCLOCK_SECONDS="0",
+    VAL_LOSS_EVERY="4", TRAIN_LOG_EVERY="1", MUON_MOMENTUM_WARMUP_STEPS="2", EVAL_TIME_LIMIT_SECONDS="600")
+COMPILED_FNS = ("forward", "forward_hidden", "head_nll", "softcap_nll", "fit_delta")
+
+
+def compile_phases(events: list) -> list[tuple[str, dict]]:
+    """(phase, {function: compiles}) in order, from a stream of ("log", line) and ("compile", function) events.
+    A run's phases: warmup (up to `warmup:done`), the timed training loop (up to `ema:applying`), then every eval
+    stage: the compiles before a `stage:NAME` line belong to the pass that produced it (post_ema, export, reload and
+    the eval-time estimate are counted with the first stage)."""
+    phases, cur, run = [], {}, 0
+    name = "warmup"
+    for kind, what in events:
+        if kind == "compile":
+            cur[what] = cur.get(what, 0) + 1
+            continue
+        if what.startswith("logs/run_id:"):
+            run += 1
+            name = "warmup" if run == 1 else "eval_only"
+        elif what.startswith("warmup:done"):
+            phases.append((name, cur))
+            cur, name = {}, "train_loop"
+        elif what.startswith("ema:applying"):
+            phases.append((name, cur))
+            cur, name = {}, "eval"
+        elif what.startswith("stage:"):
+            stage = what.split()[0].removeprefix("stage:")
+            phases.append((f"{name}:{stage}" if name != "train_loop" else stage, cur))
+            cur = {}
+    if cur:
+        phases.append((name + ":end", cur))
+    return phases
+
+
+def bench_compile(args) -> int:
+    """Runs train_gpt.run twice in this process with COMPILE=1 on the CPU (inductor's C++ backend): a training run
+    (warmup, the timed loop across the late-QAT switch and an in-loop validation, export, reload, roundtrip,
+    sliding and TTT with SLOT_MODE=batch), then EVAL_ONLY on its artifact with SLOT_MODE=causal (a fresh model from
+    the file). Counts dynamo's compiles per function and phase (a bytecode hook: one call per compiled graph) and its
+    graph breaks."""
+    import logging
+    import tempfile
+    import torch
+    import train_gpt as tg
+    torch.set_num_threads(args.threads)
+    cpu = tg.Config.from_env({"PRESET": "cpu"})
+    if not tg.shard_files(cpu.data_path, "train"):
+        raise BenchError(f"DATA_PATH {cpu.data_path} has no train shards: run `bash setup.sh` (offline dataset)")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    events: list = []
+    hook = torch._dynamo.convert_frame.register_bytecode_hook(lambda code, new: events.append(("compile", code.co_name)))
+    real_log = tg.Logger.__call__
+
+    def log(self, msg, console=True):
+        events.append(("log", msg))
+        return real_log(self, msg, console and args.verbose)
+    tg.Logger.__call__ = log
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the table says it; no recompile warnings
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            env = dict(COMPILE_ENV, DATA_PATH=cpu.data_path, TOKENIZER_PATH=cpu.tokenizer_path, OUT_DIR=out,
+                       RUN_ID="compile", VOCAB_SIZE=str(cpu.vocab_size))
+            tg.run(env)
+            tg.run(dict(env, EVAL_ONLY="1", LOAD_ARTIFACT=str(Path(out) / "compile.ptz"), RUN_ID="compile_eval",
+                        SLOT_MODE="causal", SLOT_STEPS="4", SLOT_LR="0.005"))
+    finally:
+        tg.Logger.__call__ = real_log
+        hook.remove()
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    phases = compile_phases(events)
+    fns = [f for f in COMPILED_FNS if any(f in c for _, c in phases)] + sorted(
+        {f for _, c in phases for f in c} - set(COMPILED_FNS))
+    print(f"# bench compile: COMPILE=1 on the CPU (inductor C++), tiny competition-shaped config, every feature on; "
+          f"graph breaks {breaks}; {time.perf_counter() - t0:.0f}s")
+    print("| phase | " + " | ".join(fns) + " |")
+    print("|---|" + "---|" * len(fns))
+    for name, c in phases:
+        print(f"| {name} | " + " | ".join(str(c.get(f, 0)) for f in fns) + " |")
+    loop = sum(sum(c.values()) for name, c in phases if name == "train_loop")
+    worst = max((max(c.values(), default=0) for name, c in phases if ":" in name), default=0)
+    checks = [("graph breaks", breaks, breaks == 0), ("recompiles in the timed training loop", loop, loop == 0),
+              ("most graphs of one function in one eval pass", worst, worst <= 1)]
+    for what, n, ok in checks:
+        print(f"{what}: {n} {'PASS' if ok else 'FAIL'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(graph_breaks=breaks, phases=phases, train_loop=loop,
+                                                   max_per_pass=worst), indent=1) + "\n")
+    return 0
 
 
 # ---- eval ----
@@ -503,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CTW_WEIGHT values timed on the sliding pass, SLOT off ('' for none; default 0.1)")
     ev.add_argument("--json", default="", help="also write every run's numbers here")
     ev.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one configuration, JSON spec
+    co = sub.add_parser("compile", help="torch.compile on the CPU: graph breaks, compiles per function and phase")
+    co.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    co.add_argument("--verbose", action="store_true", help="also print the runs' own log lines")
+    co.add_argument("--json", default="", help="also write the counts here")
     sz = sub.add_parser("size", help="artifact bytes of the configured model at initialisation (fits in 16 MB?)")
     sz.add_argument("--init", choices=("trainer", "gaussian"), default="gaussian",
                     help="gaussian (default): i.i.d. weights, close to trained entropy; trainer: the real init")
@@ -523,6 +699,8 @@ def main(argv=None) -> int:
             return bench_train(args)
         if args.cmd == "size":
             return bench_size(args)
+        if args.cmd == "compile":
+            return bench_compile(args)
         if min(args.val_tokens, args.inner, args.batch_reps) < 0 or min(args.repeat, args.threads) < 1:
             raise BenchError("--val-tokens, --inner and --batch-reps must be >= 0, --repeat and --threads >= 1")
         args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
