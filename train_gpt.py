@@ -1578,7 +1578,7 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tenso
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
     W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
     P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # clamped so that PQ stays finite (s moves by < e^-43)
-    hot = y[..., None] == torch.arange(z.size(-1), device=z.device)
+    hot = y.int()[..., None] == torch.arange(z.size(-1), device=z.device, dtype=torch.int32)  # int32: cheaper
     delta = z.new_zeros(z.size(0), W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
     for t in range(1, cfg.slot_steps + 1):
