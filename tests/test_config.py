@@ -272,3 +272,28 @@ def test_readme_glossary_lists_every_env_var(tg):
     readme = (Path(tg.__file__).parent / "README.md").read_text()
     missing = [f.name.upper() for f in tg.fields(tg.Config) if f"| `{f.name.upper()}` |" not in readme]
     assert not missing, f"README.md glossary lacks {missing}"
+
+
+def test_cuda_problems_are_named_and_never_fall_back_silently(tg, monkeypatch):
+    """DEVICE=cuda on a CPU build, on a CUDA build with an old driver, or without a device: one line naming the
+    cause; a CUDA build without a usable GPU and no DEVICE refuses instead of silently running on the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    cfg = tg.Config.from_env({"PRESET": "cpu", "DEVICE": "cuda"})
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(tg.UserError, match="is a CPU build: install the CUDA build"):
+        tg.setup_runtime(cfg, {})
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    def old_driver():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
+    monkeypatch.setattr(torch.cuda, "init", old_driver)
+    with pytest.raises(tg.UserError, match="driver is too old for this torch"):
+        tg.setup_runtime(cfg, {})
+    auto = tg.Config.from_env({"PRESET": "cpu"})  # DEVICE unset on a machine with a CUDA build
+    with pytest.raises(tg.UserError, match="set DEVICE=cpu to run on the CPU on purpose"):
+        tg.setup_runtime(auto, {})
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    assert "no CUDA device visible" in tg.cuda_problem()
+    assert tg.setup_runtime(dataclasses.replace(auto, device="cpu"), {}).device.type == "cpu"

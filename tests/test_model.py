@@ -304,3 +304,64 @@ def test_softcap_nll_is_ce_of_the_softcap_eager_and_compiled(tg, dt):
         bad = z0.clone()
         bad[2, 7] = float("nan")
         assert fn(bad, y, 30.0).isnan()[2] and fn(bad, y, 30.0).isfinite().sum() == 299
+
+
+# ---- attention: one dispatch, counted ----
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_sdpa_repeats_kv_heads_as_gqa(tg, dt):
+    """sdpa() repeats K/V heads instead of enable_gqa (which only SDPA's flash kernel takes: fp32 GQA would fall to the
+    T x T math kernel on CUDA); the result is the same attention."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 24, h, 16, generator=g, dtype=dt) for h in (4, 2, 2))
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(tg.sdpa(q, k, v), want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_calls_are_counted_eager_and_compiled_without_recompiles(tg):
+    """attend counts the calls of the kernel that ran (a device tensor per backend, set up by setup_runtime), also
+    inside a compiled graph, and the count does not make dynamo recompile."""
+    cfg = tiny_cfg(tg)
+    tg.setup_runtime(tg.Config.from_env({"PRESET": "cpu", "DEVICE": "cpu"}), {})
+    model = randomized(tg, cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.forward_hidden(ids)
+        assert int(tg.ATTN_CALLS["sdpa"]) == cfg.num_layers
+        seen = []
+        hook = torch._dynamo.convert_frame.register_bytecode_hook(lambda code, new: seen.append(code.co_name))
+        try:
+            fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False)
+            for _ in range(3):
+                fn(ids)
+        finally:
+            hook.remove()
+    assert int(tg.ATTN_CALLS["sdpa"]) == 4 * cfg.num_layers and seen == ["forward_hidden"]
+    assert int(tg.ATTN_CALLS["flash_attn_3"]) == 0
+
+
+def test_flash_attn_that_fails_is_noted_and_not_used(tg, monkeypatch):
+    """An installed flash-attn that raises at import (a wheel built for another torch) or at its probe call is noted
+    (the run logs a WARNING) and attend keeps SDPA; one that passes the probe is used."""
+    import types
+
+    def broken(*a, **k):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+    mods = {"flash_attn_interface": types.SimpleNamespace(flash_attn_func=broken)}
+
+    def fake_import(name):
+        if name in mods:
+            return mods[name]
+        raise OSError("undefined symbol: _ZN3c10...")  # flash_attn (2): built for another torch
+    monkeypatch.setattr(tg.importlib, "import_module", fake_import)
+    monkeypatch.setattr(tg, "FLASH_NOTES", [])
+    tg.load_flash_attn(torch.device("cpu"))
+    assert tg._flash == [] and len(tg.FLASH_NOTES) == 2
+    assert "flash_attn_3 fails its first call (RuntimeError" in tg.FLASH_NOTES[0]
+    assert "flash_attn_2 does not import (OSError" in tg.FLASH_NOTES[1]
+    mods["flash_attn_interface"] = types.SimpleNamespace(flash_attn_func=lambda q, k, v, causal: tg.sdpa(q, k, v))
+    tg.load_flash_attn(torch.device("cpu"))
+    try:
+        assert [n for n, _ in tg._flash] == ["flash_attn_3"]
+    finally:
+        tg._flash.clear()

@@ -102,9 +102,9 @@ def train_worker(args) -> int:
     env.update(ITERATIONS=str(args.steps), WARMUP_STEPS=str(args.warmup), MAX_WALLCLOCK_SECONDS="0",
                VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1000000", WARMDOWN_ITERS="0")  # the main phase: no warmdown,
     # so late QAT (the last ~15% of a real run) never switches on mid-benchmark (it would recompile the graph)
+    env["COMPILE"] = "1" if args.one == "compiled" else "0"  # eager: the trunk; the head follows COMPILE_HEAD
     cfg = tg.Config.from_env(env)
     rt = tg.setup_runtime(cfg, env)
-    rt = dataclasses.replace(rt, compile=args.one == "compiled")  # the runtime compiles on CUDA only; here we ask
     if not tg.shard_files(cfg.data_path, "train"):
         raise BenchError(f"DATA_PATH {cfg.data_path} has no train shards: run `bash setup.sh` (offline dataset)")
     torch.manual_seed(cfg.seed)
