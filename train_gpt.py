@@ -779,8 +779,10 @@ class Block(nn.Module):
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve, cache=None):
-        """Norms, RoPE, XSA and relu^2 in fp32 on every device (what CUDA autocast does to rms_norm, normalize and
-        pow; CPU autocast would keep bf16), the matmuls and attention in the autocast dtype (v's)."""
+        """The same dtypes on every device, whatever autocast's per-device op lists say: q/k norm, RoPE and attention
+        in the autocast dtype (bf16 under AMP, which flash-attn needs; CUDA autocast would run rms_norm in fp32:
+        AT_FORALL_FP32 in ATen/autocast_mode.h of torch 2.13, CPU autocast would not), XSA in fp32 (CUDA autocast's
+        normalize), relu^2 as u*u (the bf16 product is the fp32 square rounded as the next matmul rounds it)."""
         B, T, D = x.shape
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln
@@ -790,7 +792,8 @@ class Block(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.Hkv, self.hd)
-        q, k = (rotary(rms_norm(wide(t)), *rope).to(v.dtype) for t in (q, k))  # bf16 q/k for flash-attn
+        with torch.autocast(x.device.type, enabled=False):
+            q, k = (rotary(rms_norm(t), *rope) for t in (q, k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:
             y = attend(q, k, v)
@@ -805,7 +808,8 @@ class Block(nn.Module):
             vn = F.normalize(wide(v), dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.hd)
         x = x + self.attn_scale * F.linear(y.reshape(B, T, D), wo.to(y.dtype))
-        u = wide(F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5)).square()
+        u = F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5)
+        u = u * u
         return x + self.mlp_scale * F.linear(u, wdown.to(u.dtype))
 
 
