@@ -259,7 +259,7 @@ def test_optimizer_step_clips_and_updates_banks(tg):
     expect = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters())).item()
     opt.set_schedule(1.0, 0)
     norm = float(opt.step())
-    assert norm == pytest.approx(expect, rel=1e-9)
+    assert norm == pytest.approx(expect, rel=1e-6)  # the banks' part crosses the ranks in fp32
     assert norm > 0.3  # so the clip was active
     for b, b0 in zip(model.banks(), before):
         upd = (b0 - b.detach()) / cfg.matrix_lr  # the first Muon update is NS(g + mu * g) * shape scale
