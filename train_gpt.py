@@ -344,11 +344,12 @@ class Runtime:
         return dist.is_available() and dist.is_initialized()
 
     def fn(self, f):
-        """f under torch.compile (fullgraph: one graph per input shape) with COMPILE or COMPILE_HEAD, else f."""
+        """f under torch.compile (static shapes, fullgraph: one graph per input shape) with COMPILE or COMPILE_HEAD,
+        else f."""
         if not self.compile_head:
             return f
         if f not in self._fns:
-            self._fns[f] = torch.compile(f, fullgraph=True)
+            self._fns[f] = torch.compile(f, fullgraph=True, dynamic=False)
         return self._fns[f]
 
 
