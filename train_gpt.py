@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import hashlib
 import importlib
 import json
 import lzma
@@ -1105,7 +1106,7 @@ class Logger:
         self.path, self.is_main, self.bar = path, is_main, None
         if path and is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a", encoding="utf-8")
+            self.fh = open(path, "x", encoding="utf-8")  # run() refused an existing log: never append a second run
         else:
             self.fh = None
 
@@ -1919,13 +1920,16 @@ def write_json(path: Path, obj: dict) -> None:
 
 def run(env: dict) -> dict:
     cfg = Config.from_env(env)
+    run_id = cfg.run_id or str(uuid.uuid4())
+    out_dir = Path(cfg.out_dir)
+    if (out_dir / f"{run_id}.txt").exists():  # every rank checks before the collective init: all refuse or none
+        raise UserError(f"{out_dir / (run_id + '.txt')} exists (an earlier run with RUN_ID={run_id}): set another "
+                        "RUN_ID, or unset it for a fresh one")
     rt = setup_runtime(cfg, env)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    run_id = cfg.run_id or str(uuid.uuid4())
-    out_dir = Path(cfg.out_dir)
     loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
-    source = Path(__file__).read_bytes()  # the code that runs: measured once, before anyone can edit the file
+    source = Path(__file__).read_bytes()  # the file that runs, measured once: its bytes count (a packed wrapper's too)
     log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
     try:
         return _run(cfg, rt, env, run_id, out_dir, loaded, source, log)
@@ -1935,10 +1939,16 @@ def run(env: dict) -> dict:
 
 def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded, source: bytes, log: Logger) -> dict:
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
-    log(source.decode("utf-8"), console=False)
+    try:
+        code = _SRC  # noqa: F821  a wrapper (tools/pack_code.py) sets _SRC to the source it executes
+    except NameError:
+        code = source
+    log(code.decode("utf-8"), console=False)
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
         f"attention:{_flash[0][0] if _flash and rt.cuda else 'sdpa'} amp:{int(rt.amp)} compile:{int(rt.compile)} "
-        f"compile_head:{int(rt.compile_head)}")
+        f"compile_head:{int(rt.compile_head)} cuda:{torch.version.cuda}")
+    log(f"code:{Path(__file__).name} bytes:{len(source)} sha256:{hashlib.sha256(source).hexdigest()} "
+        f"packed:{int(code is not source)}")
     for w in env_warnings(env) + [f"WARNING: {n}: attention falls back to SDPA" for n in FLASH_NOTES]:
         log(w)
     log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))
@@ -2000,7 +2010,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     nbytes_code = len(source)
     total = nbytes_code + blob_len
     fits = total <= 16_000_000
-    log(f"Code size: {nbytes_code} bytes")
+    log(f"Code size: {nbytes_code} bytes" + (" (the packed wrapper that ran)" if code is not source else ""))
     log(f"Total submission size int6: {total} bytes")
     if not fits:
         log(f"FAIL artifact_too_large total:{total} bytes > 16000000 (code {nbytes_code} + model {blob_len})")

@@ -84,8 +84,8 @@ class Running:
                                      stderr=self.err_f, text=True, preexec_fn=_default_sigint)
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = 120) -> None:
-        """Poll the log file until a line matches `pattern` `count` times (the log is appended to by reruns, and
-        holds the program's source: patterns must match real log lines, not the f-strings that print them)."""
+        """Poll the log file until a line matches `pattern` `count` times (the log holds the program's source:
+        patterns must match real log lines, not the f-strings that print them)."""
         end = time.time() + timeout
         needle = re.compile(pattern, re.M)
         while time.time() < end:
@@ -238,6 +238,10 @@ CASES = {
                            ["{d}/bad.ptz: ", "corrupted artifact"]),
     "artifact_not_ours": (lambda data, d, b: _bad_artifact(b, d, "garbage"), 2,
                           ["{d}/bad.ptz: not an artifact of this program (bad magic)"]),
+    # a rerun with the RUN_ID of an earlier run: refused, the earlier log untouched (it used to get a second run)
+    "run_id_exists": (lambda data, d, b: (d / "out" / "run_id_exists.txt").write_text("an earlier run\n") and {}, 2,
+                      ["{d}/out/run_id_exists.txt exists (an earlier run with RUN_ID=run_id_exists)",
+                       "set another RUN_ID"]),
 }
 ARTIFACT_CASES = [k for k in CASES if k.startswith("artifact_")]
 CONFIG_CASES = ["slot_steps_abc", "eval_stride_0", "eval_stride_gt_seq", "ttt_chunk_not_multiple",
@@ -291,7 +295,7 @@ def test_fast_failure_is_one_line(cid, fast_results):
     assert r.seconds < 60, f"{cid} took {r.seconds:.0f}s to fail"
 
 
-@pytest.mark.parametrize("cid", CONFIG_CASES + ARTIFACT_CASES)
+@pytest.mark.parametrize("cid", CONFIG_CASES + ARTIFACT_CASES + ["run_id_exists"])
 def test_failure_touches_nothing(cid, fast_results):
     """Bad config values and bad LOAD_ARTIFACT files fail before anything is created or modified (OUT_DIR, cwd)."""
     d, r, before, after = fast_results[cid]
@@ -360,12 +364,14 @@ def test_more_ranks_than_micro_batches(tg):
 
 # ---- kills and signals ----
 def test_kill9_during_export_keeps_previous_artifact(base, tmp_path):
-    """Rerun the base run (same RUN_ID, a copy of its OUT_DIR) and SIGKILL it once it reaches the export."""
+    """Rerun the base run (same RUN_ID, a copy of its OUT_DIR without the log, which would refuse the rerun) and
+    SIGKILL it once it reaches the export."""
     out = tmp_path / "out"
     shutil.copytree(base["out"], out)
+    (out / f"{BASE_RUN_ID}.txt").unlink()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".ptz", ".json")}
     run = Running(dict(base["env"], OUT_DIR=str(out)), tmp_path, out / f"{BASE_RUN_ID}.txt")
-    run.wait_for(r"^DIAGNOSTIC post_ema val_loss:\d", count=2)  # just before the export
+    run.wait_for(r"^DIAGNOSTIC post_ema val_loss:\d")  # just before the export
     run.proc.send_signal(signal.SIGKILL)
     r = run.result()
     assert r.rc == -signal.SIGKILL
@@ -424,9 +430,9 @@ def test_crash_during_eval_then_eval_only_finishes(base, data_dir, tmp_path):
     ptz, summary = out / f"{BASE_RUN_ID}.ptz", out / f"{BASE_RUN_ID}.json"
     assert ptz.is_file() and not summary.exists()
     assert "final stage:" not in r.out, "the crash came too late: the eval had finished"
-    r2 = run_script(dict(env, EVAL_ONLY="1", LOAD_ARTIFACT=str(ptz)), tmp_path, timeout=300)
+    r2 = run_script(dict(env, EVAL_ONLY="1", LOAD_ARTIFACT=str(ptz), RUN_ID="finish"), tmp_path, timeout=300)
     assert r2.rc == 0 and NO_TRACEBACK not in r2.text, r2.text[-3000:]
-    s = json.loads(summary.read_text())
+    s = json.loads((out / "finish.json").read_text())
     assert s["mode"] == "eval_only" and s["artifact"] == str(ptz)
     assert list(s["stages"]) == [k for k in base["summary"]["stages"] if k != "post_ema"]
     for k, st in s["stages"].items():  # the same artifact scores the same as in the uninterrupted run

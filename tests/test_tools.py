@@ -3,6 +3,7 @@
 Everything is small and made in tmp: random tiny models and artifacts (tg.export_model + tg.atomic_write),
 fabricated run logs and JSON summaries, a 128-piece SentencePiece model trained on the README.
 """
+import hashlib
 import importlib.util
 import json
 import math
@@ -32,7 +33,8 @@ def _load(name):
 @pytest.fixture(scope="module")
 def tools():
     torch.set_num_threads(1)
-    return {n: _load(n) for n in ("_common", "check_causality", "stats", "make_record", "plot_logs", "generate")}
+    return {n: _load(n) for n in ("_common", "check_causality", "stats", "pack_code", "check_record", "make_record",
+                                  "plot_logs", "generate")}
 
 
 # ---- fixtures: tiny models, artifacts, fabricated runs
@@ -64,19 +66,26 @@ SOURCE = (REPO_ROOT / "train_gpt.py").read_text(encoding="utf-8")
 
 
 def fake_run(tg, out: Path, run_id: str, seed: int, *, shift=0.0, env=None, source=SOURCE, bytes_model=3_000_000,
-             drop_stage=None, extra_config=None, write_log=True, device="cpu", noise=0.002, bytes_code=None):
-    """A log (with the embedded source, as train_gpt.py writes it) and a JSON summary of a finished run."""
+             drop_stage=None, extra_config=None, write_log=True, device="cpu", noise=0.002, bytes_code=None,
+             wrapper: bytes | None = None, step_ms=6000.0, eval_seconds=60.0, code_line=True):
+    """A log (the embedded source, the `code:` line, every line the tools read, as train_gpt.py writes them) and
+    a JSON summary of a finished run. `wrapper`: the run ran that packed file, and `source` is what it executed."""
     cfg = tg.Config.from_env({"PRESET": "cpu", "SEED": str(seed), "RUN_ID": run_id, **(env or {})}, cuda=False)
     rnd = np.random.default_rng(seed)
+    file = wrapper if wrapper is not None else source.encode("utf-8")
+    code = bytes_code or len(file)  # train_gpt.py counts the bytes of the file that ran
     lines = [f"logs/run_id:{run_id} log:logs/{run_id}.txt", source,
-             f"python:3.11.7 torch:2.13.0+cpu device:{device} world_size:1 attention:sdpa amp:0 compile:0"]
+             f"python:3.11.7 torch:2.13.0+cpu device:{device} world_size:1 attention:sdpa amp:0 compile:0 cuda:None"]
+    if code_line:
+        lines.append(f"code:train_gpt.py bytes:{len(file)} sha256:{hashlib.sha256(file).hexdigest()} "
+                     f"packed:{int(wrapper is not None)}")
     for s in range(1, 41):
         if s <= 10 or s % 10 == 0:
-            t = 6000.0 * s
+            t = step_ms * s
             lines.append(f"step:{s}/{cfg.iterations} train_loss:{7 * math.exp(-s / 12) + 3 + shift:.4f} "
                          f"train_time:{t:.0f}ms step_avg:{t / s:.2f}ms")
     lines.append(f"step:40/{cfg.iterations} val_loss:{3.3 + shift:.4f} val_bpb:{2.0 + shift:.4f} "
-                 "train_time:240000ms step_avg:6000.00ms")
+                 f"train_time:{40 * step_ms:.0f}ms step_avg:{step_ms:.2f}ms")
     base = 1.95 + shift + float(rnd.normal(0, noise))
     nc = "non-causal" if cfg.slot_enabled and cfg.slot_mode == "batch" else "causal"
     stages = {}
@@ -88,20 +97,24 @@ def fake_run(tg, out: Path, run_id: str, seed: int, *, shift=0.0, env=None, sour
         stages[k] = {"val_loss": b * 1.6, "val_bpb": b, "seconds": 10.0, "compliance": comp}
         if k == "post_ema":
             lines.append(f"DIAGNOSTIC post_ema val_loss:{b * 1.6:.4f} val_bpb:{b:.4f} eval_time:5000ms")
+            lines += [f"Code size: {code} bytes", f"Total submission size int6: {code + bytes_model} bytes"]
         else:
             lines.append(f"stage:{k} val_loss:{b * 1.6:.4f} val_bpb:{b:.4f} eval_time:10000ms compliance:{comp}")
+            lines.append(f"{k}_exact val_loss:{b * 1.6:.8f} val_bpb:{b:.8f}")
     compliant = [k for k, v in stages.items() if v["compliance"] == "causal" and k != "post_ema"]
     last = list(stages)[-1]
-    code = bytes_code or len(source.encode("utf-8"))  # train_gpt.py counts its own size at the end of a run
+    lines.append(f"final stage:{last} val_bpb:{stages[last]['val_bpb']:.8f} compliance:{stages[last]['compliance']} "
+                 f"eval_seconds:{eval_seconds:.1f} peak_memory_mb:900")
     summary = {"run_id": run_id, "mode": "train", "preset": cfg.preset,
                "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **(extra_config or {})},
-               "device": device, "world_size": 1, "steps": 40, "train_seconds": 240.0, "model_params": 3_003_156,
+               "device": device, "world_size": 1, "steps": 40, "train_seconds": 40 * step_ms / 1000,
+               "model_params": 3_003_156,
                "bytes_code": code, "bytes_model": bytes_model, "bytes_total": code + bytes_model,
                "fits": code + bytes_model <= 16_000_000, "compressor": "brotli", "val_tokens": 65535,
                "val_bytes": 160000, "stages": stages, "val_bpb": stages[last]["val_bpb"],
                "val_loss": stages[last]["val_loss"], "final_stage": last,
                "final_compliant_stage": compliant[-1], "val_bpb_compliant": stages[compliant[-1]]["val_bpb"],
-               "eval_seconds": 60.0, "peak_memory_mb": 900.0, "artifact": f"logs/{run_id}.ptz"}
+               "eval_seconds": eval_seconds, "peak_memory_mb": 900.0, "artifact": f"logs/{run_id}.ptz"}
     out.mkdir(parents=True, exist_ok=True)
     if write_log:
         (out / f"{run_id}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -259,9 +272,11 @@ def test_stats_cli_two_groups_and_baseline(tools, tmp_path, capsys):
 
 
 # ---- 3. make_record
-def record_args(runs, tmp_path, *extra, track="cpu_demo", name="CPU_Demo"):
+def record_args(runs, tmp_path, *extra, track="cpu_demo", name="CPU_Demo", raw=True):
+    """make_record's arguments; runs of the raw file (fake_run's default) ship it with --raw-code."""
     return ["--runs", *map(str, runs), "--name", name, "--author", "Test Author", "--github-id", "tester",
-            "--track", track, "--records-dir", str(tmp_path / "records"), "--date", "2026-01-02", *extra]
+            "--track", track, "--records-dir", str(tmp_path / "records"), "--date", "2026-01-02", *extra] + \
+        (["--raw-code"] if raw else [])
 
 
 def test_make_record_cpu_demo(tools, tmp_path, capsys):
@@ -399,7 +414,8 @@ def test_make_record_refusals(tools, tmp_path, capsys, case, reason):
     elif case == "other_source":
         runs.append(fake_run(tg, logs, "r_src", 2025, env=env, source=SOURCE.replace("Parameter Golf", "Param Golf")))
     elif case == "changed_during_run":
-        runs.append(fake_run(tg, logs, "r_chg", 2025, env=env, bytes_code=len(SOURCE.encode()) + 120))
+        # a log of an older train_gpt.py, which read its size at the end of the run and logged no hash
+        runs.append(fake_run(tg, logs, "r_chg", 2025, env=env, bytes_code=len(SOURCE.encode()) + 120, code_line=False))
     elif case == "record_track_cpu":
         track = "track_10min_16mb"
     elif case == "record_track_noncausal":

@@ -1,18 +1,22 @@
 """Package runs (one per seed) into a records folder: records/<track>/<YYYY-MM-DD>_<Name>/.
 
 Writes README.md (method, per-seed table, every stage, the exact run command, timing, compliance labels),
-submission.json, a frozen copy of train_gpt.py (the exact source that made the runs, as embedded in their logs)
-and each run's log and summary as train_seed<S>.log / train_seed<S>.json. --evals adds EVAL_ONLY runs of the
+submission.json, train_gpt.py (the file that made the runs: by default the packed wrapper of tools/pack_code.py,
+with its readable source beside it as train_gpt_source.py; --raw-code for runs of the raw file) and each run's
+log and summary as train_seed<S>.log / train_seed<S>.json. --evals adds EVAL_ONLY runs of the
 same artifacts with other eval settings (e.g. the non-causal SLOT_MODE=batch next to a causal score), grouped by
 their settings, as eval<K>_seed<S>.log / .json and one table per group; they are never the score. Everything is
 written to a temporary folder that is renamed into place, so a refused or interrupted call leaves nothing behind.
 
 It refuses, with a one-line reason and exit status 1: an artifact over 16,000,000 bytes (code + model) on any
-seed; an incomplete run (missing summary, log, score stage or summary field); runs with different configs
-(other than the seed) or a repeated seed; a run command that sets a variable the frozen train_gpt.py does not
-read (checked by importing the frozen copy from the new folder) or that does not rebuild the recorded config; a
-frozen script that is not the code that made the runs; --evals runs of other artifacts or made by other code;
-and on track_10min_16mb a score stage labelled non-causal or runs that were not on CUDA.
+seed; training or evaluation over 600 s on any seed, by the logs' own timings (not on track_non_record_16mb);
+an incomplete run (missing summary, log, score stage or summary field); runs with different configs (other than
+the seed) or a repeated seed; a run command that sets a variable the frozen train_gpt.py does not read (checked by
+importing the frozen copy from the new folder) or that does not rebuild the recorded config; a code file that is
+not the one that made the runs (the sha256 each log records at start); runs of the raw file without --raw-code
+(their logs count the raw bytes), or of a wrapper with it; --evals runs of other artifacts or made by other code;
+on track_10min_16mb fewer than 3 seeds, a score stage labelled non-causal or runs that were not on CUDA; and
+anything else the audit of tools/check_record.py fails on the finished folder.
 
     python tools/make_record.py --runs logs/cpu_s1337.json logs/cpu_s42.json logs/cpu_s2025.json \\
         --name CPU_Demo_CausalSLOT --author "Jane Doe" --github-id janedoe --track cpu_demo \\
@@ -34,6 +38,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import check_record as audit
+import pack_code
 from _cli import Parser
 from _common import ROOT, ToolError, expand_paths, load_summary
 
@@ -62,14 +68,15 @@ def summary_and_log(path: Path) -> tuple[Path, Path]:
     return js, log
 
 
-def embedded_source(log_text: str) -> str | None:
-    """The train_gpt.py source a run logs right after its first line, up to the `python:X torch:Y` line that
-    follows it (None for logs without it, e.g. stdout captures)."""
-    first, _, rest = log_text.partition("\n")
-    m = re.search(r"\npython:\d", rest)
-    if not first.startswith("logs/run_id:") or not m:
-        return None
-    return rest[: m.start()]
+embedded_source = audit.embedded_source
+
+
+def read_run_log(log: Path) -> tuple[str, "audit.LogFacts"]:
+    """(the text of the log's last run, its facts). train_gpt.py used to append a rerun with the same RUN_ID to
+    the same log; the summary next to it is the last run's."""
+    text = log.read_text(encoding="utf-8", errors="replace")
+    runs = audit.split_runs(text)
+    return runs[-1], audit.parse_train_log(log, text)
 
 
 def load_runs(paths, stage: str | None, track: str) -> tuple[list[dict], str]:
@@ -85,7 +92,8 @@ def load_runs(paths, stage: str | None, track: str) -> tuple[list[dict], str]:
             raise Refused(f"incomplete: {js} lacks {', '.join(missing)} (not a finished run's summary)")
         if s.get("mode") == "eval_only":
             raise Refused(f"{js} is an EVAL_ONLY run: a record packages the training runs")
-        runs.append({"json": js, "log": log, "summary": s, "text": log.read_text(encoding="utf-8", errors="replace"),
+        text, facts = read_run_log(log)
+        runs.append({"json": js, "log": log, "summary": s, "text": text, "facts": facts,
                      "seed": s["config"].get("seed")})
     if not runs:
         raise Refused("no runs given (--runs logs/<RUN_ID>.json ...)")
@@ -111,6 +119,14 @@ def load_runs(paths, stage: str | None, track: str) -> tuple[list[dict], str]:
         if s["bytes_total"] > LIMIT_BYTES or s.get("fits") is False:
             raise Refused(f"seed {r['seed']}: artifact is {s['bytes_total']:,} bytes (code {s['bytes_code']:,} + "
                           f"model {s['bytes_model']:,}) > {LIMIT_BYTES:,}")
+        f = r["facts"]
+        if "non_record" not in track:
+            if f.train_s is not None and f.train_s > audit.TRAIN_LIMIT_S + audit.TRAIN_GRACE_S:
+                raise Refused(f"seed {r['seed']}: training took {f.train_s:.1f} s by its log (limit "
+                              f"{audit.TRAIN_LIMIT_S:.0f} s; use track_non_record_16mb for longer runs)")
+            if f.eval_s is not None and f.eval_s > audit.EVAL_LIMIT_S:
+                raise Refused(f"seed {r['seed']}: evaluation took {f.eval_s:.1f} s by its log (limit "
+                              f"{audit.EVAL_LIMIT_S:.0f} s; use track_non_record_16mb for longer evaluations)")
         if track == "track_10min_16mb":
             if st.get("compliance") != "causal":
                 raise Refused(f"stage {stage!r} is labelled {st.get('compliance')}: not a valid score on "
@@ -128,13 +144,16 @@ def load_runs(paths, stage: str | None, track: str) -> tuple[list[dict], str]:
         if (r["summary"]["device"], r["summary"]["world_size"]) != (runs[0]["summary"]["device"],
                                                                     runs[0]["summary"]["world_size"]):
             raise Refused(f"seed {r['seed']} ran on different hardware than seed {runs[0]['seed']}")
+    if track == "track_10min_16mb" and len(runs) < audit.MIN_SEEDS:
+        raise Refused(f"{len(runs)} seed(s): a track_10min_16mb record needs at least {audit.MIN_SEEDS} (the "
+                      "significance rule)")
     return runs, stage
 
 
 EVAL_KEYS_IGNORED = ("seed", "run_id", "eval_only", "load_artifact")
 
 
-def load_evals(paths, runs: list[dict], source: str) -> list[dict]:
+def load_evals(paths, runs: list[dict], source: str, code_sha: str | None) -> list[dict]:
     """EVAL_ONLY runs of the record's own artifacts with other eval settings (e.g. SLOT_MODE=batch next to a
     causal-SLOT score), each matched to its training run by artifact file name and grouped by the settings that
     differ from the training run. They are reported, never scored."""
@@ -154,8 +173,8 @@ def load_evals(paths, runs: list[dict], source: str) -> list[dict]:
         if r is None:
             raise Refused(f"{js} evaluated {art or 'no artifact'}, not an artifact of the runs "
                           f"({', '.join(sorted(by_art))})")
-        text = log.read_text(encoding="utf-8", errors="replace")
-        if embedded_source(text) != source:
+        text, facts = read_run_log(log)
+        if embedded_source(text) != source or (facts.code_sha and code_sha and facts.code_sha != code_sha):
             raise Refused(f"{log} was evaluated by another train_gpt.py than the one that made the runs")
         train_cfg = r["summary"]["config"]
         diff = {k: v for k, v in sorted(s["config"].items())
@@ -176,33 +195,90 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def frozen_source(runs: list[dict], script: str | None) -> tuple[str, str]:
-    """(source, provenance). The logs embed the exact source that ran; a given --script must equal it, and its
-    size must be the bytes_code the artifact size was computed with."""
+@dataclasses.dataclass
+class Code:
+    """What a record ships: `file` as train_gpt.py (the bytes that ran), and for a packed wrapper its readable
+    source as train_gpt_source.py."""
+    file: bytes
+    source: bytes | None
+    executed: str  # the source the runs executed (the logged one: minified for a wrapper)
+    packed: bool
+    provenance: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.file).hexdigest()
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise Refused(f"{what} {path}: cannot read ({e.strerror})") from None
+
+
+def frozen_code(runs: list[dict], script: str | None, source_path: str | None, raw_code: bool) -> Code:
+    """The file that ran, checked against every log: its sha256 (the `code:` line a run logs at start; older
+    logs: the embedded source and the bytes_code the artifact size was computed with)."""
     sources = [embedded_source(r["text"]) for r in runs]
     for r, src in zip(runs, sources):
-        if src is not None and len(src.encode("utf-8")) != r["summary"]["bytes_code"]:
+        f = r["facts"]
+        if f.code_sha is not None and f.code_file_bytes != r["summary"]["bytes_code"]:
+            raise Refused(f"seed {r['seed']}: its log ran a {f.code_file_bytes:,}-byte train_gpt.py but its summary "
+                          f"counts bytes_code {r['summary']['bytes_code']:,}: not the log and summary of one run")
+        if f.code_sha is None and src is not None and len(src.encode("utf-8")) != r["summary"]["bytes_code"]:
             raise Refused(f"seed {r['seed']}: its log embeds a {len(src.encode('utf-8')):,}-byte train_gpt.py but "
                           f"its summary counts bytes_code {r['summary']['bytes_code']:,} (the file changed during the "
                           "run): rerun it with train_gpt.py left alone")
-    if script is None:
-        if all(s is not None for s in sources):
-            if len(set(sources)) != 1:
-                raise Refused("the runs' logs embed different train_gpt.py sources: not one configuration")
-            return sources[0], "the source embedded in the run logs"
-        script = str(ROOT / "train_gpt.py")
+    if all(s is not None for s in sources) and len(set(sources)) != 1:
+        raise Refused("the runs' logs embed different train_gpt.py sources: not one configuration")
+    shas = {r["facts"].code_sha for r in runs}
+    if len(shas) != 1:
+        raise Refused("the runs ran different train_gpt.py files (their logs' `code:` sha256 differ)")
+    sha = shas.pop()
+    packed = any(r["facts"].packed for r in runs)
+    n = runs[0]["summary"]["bytes_code"]
+    executed = sources[0]
+    if raw_code:
+        if packed:
+            raise Refused(f"the runs ran a packed wrapper ({n:,} bytes): --raw-code would ship a file they did not "
+                          "run (drop --raw-code)")
+        if script is None and executed is not None:
+            file, prov = executed.encode("utf-8"), "the source embedded in the run logs"
+        else:
+            script = script or str(ROOT / "train_gpt.py")
+            file, prov = _read(script, "--script"), script
+        for r, src in zip(runs, sources):
+            if src is not None and src.encode("utf-8") != file:
+                raise Refused(f"{script} is not the code that made seed {r['seed']} (its log embeds a different "
+                              "source): omit --script to freeze the logged source")
+            if len(file) != r["summary"]["bytes_code"]:
+                raise Refused(f"{script} is {len(file):,} bytes but seed {r['seed']} was made by a "
+                              f"{r['summary']['bytes_code']:,}-byte train_gpt.py (pass the right --script)")
+        if sha is not None and hashlib.sha256(file).hexdigest() != sha:
+            raise Refused(f"{prov} is not the file that made the runs (sha256 differs from their `code:` line)")
+        return Code(file, None, file.decode("utf-8"), False, prov)
+    if not packed:
+        raise Refused(f"the runs ran the raw train_gpt.py ({n:,} bytes, counted in their artifact sizes) and a "
+                      "record ships the packed wrapper that ran: pack it (python3 tools/pack_code.py) and rerun the "
+                      "seeds with python3 packed/train_gpt.py, or pass --raw-code to ship the raw file")
+    source_path = source_path or str(ROOT / "train_gpt.py")
+    readable = _read(source_path, "--source")
     try:
-        text = Path(script).read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise Refused(f"--script {script}: cannot read ({e})") from None
-    for r, src in zip(runs, sources):
-        if src is not None and src != text:
-            raise Refused(f"{script} is not the code that made seed {r['seed']} (its log embeds a different "
-                          "source): omit --script to freeze the logged source")
-        if src is None and len(text.encode("utf-8")) != r["summary"]["bytes_code"]:
-            raise Refused(f"{script} is {len(text.encode('utf-8')):,} bytes but seed {r['seed']} was made by a "
-                          f"{r['summary']['bytes_code']:,}-byte train_gpt.py (pass the right --script)")
-    return text, script
+        mini = pack_code.minify(readable.decode("utf-8"))
+    except (pack_code.PackError, UnicodeDecodeError) as e:
+        raise Refused(f"--source {source_path}: {e}") from None
+    if executed is not None and mini != executed:
+        raise Refused(f"--source {source_path} is not the source the runs executed (it minifies to another text): "
+                      "pass --source the readable train_gpt.py they were packed from")
+    if script is not None:
+        file, prov = _read(script, "--script"), script
+    else:
+        file, prov = pack_code.pack(readable.decode("utf-8"))[0], f"{source_path}, packed by tools/pack_code.py"
+    if hashlib.sha256(file).hexdigest() != sha or len(file) != n:
+        raise Refused(f"{prov} is not the wrapper that made the runs (sha256 or size differs from their `code:` "
+                      "line): pass --script the wrapper that ran")
+    return Code(file, readable, executed if executed is not None else mini, True, prov)
 
 
 def import_frozen(path: Path):
@@ -289,9 +365,10 @@ def mean_std(xs) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
 
 
-def versions(text: str) -> dict:
-    m = re.search(r"^python:(\S+) torch:(\S+)", text, re.M)
-    return {"python_version": m[1], "pytorch_version": m[2]} if m else {}
+def versions(facts: "audit.LogFacts") -> dict:
+    if facts.torch is None:
+        return {}
+    return {"python_version": facts.python, "pytorch_version": facts.torch, "cuda_version": facts.cuda}
 
 
 def hardware(s: dict, override: str | None) -> str:
@@ -345,7 +422,7 @@ def eval_file(seed, i: int) -> str:
     return f"eval{i + 1}_seed{seed}"
 
 
-def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) -> tuple[str, dict]:
+def build(runs, stage, args, code: Code, mod_env, commands, evals=()) -> tuple[str, dict]:
     s0, c0 = runs[0]["summary"], runs[0]["summary"]["config"]
     bpb = [r["summary"]["stages"][stage]["val_bpb"] for r in runs]
     loss = [r["summary"]["stages"][stage]["val_loss"] for r in runs]
@@ -353,11 +430,14 @@ def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) ->
     comp = s0["stages"][stage].get("compliance", "unknown")
     label = TRACKS[args.track]
     hw = hardware(s0, args.hardware)
-    ver = versions(runs[0]["text"])
+    ver = versions(runs[0]["facts"])
     seeds = [r["seed"] for r in runs]
     max_total = max(r["summary"]["bytes_total"] for r in runs)
-    train_ok = all(r["summary"]["train_seconds"] <= 600.5 for r in runs)
-    eval_ok = all(r["summary"]["eval_seconds"] <= 600 for r in runs)
+    train_max = max(r["facts"].train_s if r["facts"].train_s is not None else r["summary"]["train_seconds"]
+                    for r in runs)
+    eval_max = max(r["facts"].eval_s if r["facts"].eval_s is not None else r["summary"]["eval_seconds"] for r in runs)
+    train_ok = train_max <= audit.TRAIN_LIMIT_S + audit.TRAIN_GRACE_S
+    eval_ok = eval_max <= audit.EVAL_LIMIT_S
     nc = [k for k, v in s0["stages"].items() if v.get("compliance") == "non-causal"]
     seed_results = {}
     for r in runs:
@@ -376,11 +456,19 @@ def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) ->
         "val_bpb": mb, "val_loss": ml, "val_bpb_std": sb, "val_loss_std": sl, "score_stage": stage,
         "bytes_total": max_total, "bytes_code": s0["bytes_code"], "seeds": seeds, "seed_results": seed_results,
         "compliance": {"score_stage_label": comp, "artifact_under_16mb": max_total <= LIMIT_BYTES,
-                       "train_under_600s": train_ok, "eval_under_600s": eval_ok,
+                       "artifact_bytes_max": max_total, "train_under_600s": train_ok,
+                       "train_seconds_max": round(train_max, 3), "eval_under_600s": eval_ok,
+                       "eval_seconds_max": round(eval_max, 3),
+                       "every_token_scored_once_score_first": comp == "causal",
                        "score_first_ttt": bool(c0.get("ttt_enabled")) and stage.startswith("ttt"),
-                       "three_seeds": len(runs) >= 3, "non_causal_stages_reported": nc,
-                       "leaderboard_claim": args.track == "track_10min_16mb"},
-        "hardware": hw, **ver, "run_command": commands, "train_gpt_sha256": hashlib.sha256(source.encode()).hexdigest(),
+                       "three_seeds": len(runs) >= 3, "code_is_what_ran": True,
+                       "causal_labels": {k: v.get("compliance") for k, v in s0["stages"].items()},
+                       "non_causal_stages_reported": nc, "leaderboard_claim": args.track == "track_10min_16mb"},
+        "hardware": hw, **ver, "run_command": commands, "train_gpt_sha256": code.sha256,
+        "code": {"file": "train_gpt.py", "bytes": len(code.file), "sha256": code.sha256, "packed": code.packed,
+                 **({"packer": "tools/pack_code.py (python-minifier, compressed, base85, exec)",
+                     "source_file": "train_gpt_source.py", "source_bytes": len(code.source),
+                     "source_sha256": hashlib.sha256(code.source).hexdigest()} if code.packed else {})},
     }
     if evals:
         sub["extra_evaluations"] = [{
@@ -402,7 +490,8 @@ def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) ->
           f"**val_bpb {mb:.8f}** (std {sb:.8f}), val_loss {ml:.8f} nats (std {sl:.8f}): the mean over {len(runs)} "
           f"seed(s) ({', '.join(map(str, seeds))}) of stage `{stage}`, labelled **{comp}**. Largest artifact: "
           f"{max_total:,} bytes (limit {LIMIT_BYTES:,}). Hardware: {hw}"
-          + (f"; PyTorch {ver['pytorch_version']}" if ver else "") + ".", "",
+          + (f"; PyTorch {ver['pytorch_version']}" if ver else "")
+          + (f", CUDA {ver['cuda_version']}" if ver.get("cuda_version") else "") + ".", "",
           "## Per-seed results", "",
           "| seed | val_bpb | val_loss | artifact bytes | steps | step avg (ms) | train (s) | eval (s) |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -431,8 +520,11 @@ def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) ->
                                           + [f"{k}={shlex.quote(v)}" for k, v in g["env"].items()] + [launch])
                                  for e in g["runs"]] + ["```"]
     L += ["", "## Method", ""] + method_lines(c0, s0) + ["", "## Run command", "",
-          "From the repository root, with this folder's `train_gpt.py` in place of the root one (it is the exact "
-          "source the logs embed; the data paths are relative to the root):", "", "```bash"]
+          ("From the repository root, with this folder's `train_gpt.py` in place of the root one (the packed "
+           "wrapper that made the runs: it executes `train_gpt_source.py`, minified; the data paths are relative "
+           "to the root):" if code.packed else
+           "From the repository root, with this folder's `train_gpt.py` in place of the root one (it is the exact "
+           "source the logs embed; the data paths are relative to the root):"), "", "```bash"]
     L += [commands[str(seed)] for seed in seeds]
     preset = c0.get("preset", "competition")
     L += ["```", "", "The variables are every config value that differs from "
@@ -443,12 +535,16 @@ def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) ->
     tr = ", ".join(f"{seed_results[str(x)]['train_seconds']:.1f}" for x in seeds)
     ev = ", ".join(f"{seed_results[str(x)]['eval_seconds']:.1f}" for x in seeds)
     L.append(f"Training: {tr} s ({'within' if train_ok else 'NOT within'} 600 s). Evaluation (all passes): {ev} s "
-             f"({'within' if eval_ok else 'NOT within'} 600 s). Hardware: {hw}.")
+             f"({'within' if eval_ok else 'NOT within'} 600 s). Hardware: {hw}. The limits are checked on each "
+             "log's own timings (`train_time`, `eval_seconds`); `tools/check_record.py` repeats the audit.")
     L += ["", "## Compliance", "",
           f"- Score stage `{stage}` is labelled **{comp}** by train_gpt.py: `causal` means every scored distribution "
           "depends only on the artifact and the strict prefix, is a full normalised distribution, is scored before "
           "any update that uses its token, and each token is scored once (conditions C1-C4).",
-          f"- Artifact (code + compressed model) at most {max_total:,} bytes on every seed (limit {LIMIT_BYTES:,}).",
+          f"- Artifact (code + compressed model) at most {max_total:,} bytes on every seed (limit {LIMIT_BYTES:,}); "
+          f"the code is the {len(code.file):,}-byte `train_gpt.py` that ran (sha256 `{code.sha256[:16]}...`, logged "
+          "by every run at start)" + (f", a packed wrapper of the {len(code.source):,}-byte readable source"
+                                      if code.packed else "") + ".",
           f"- Score-first TTT: {'yes' if sub['compliance']['score_first_ttt'] else 'not used by the score stage'}. "
           f"Seeds: {len(runs)}{'' if len(runs) >= 3 else ' (fewer than the usual 3)'}."]
     if comp != "causal":
@@ -461,8 +557,13 @@ def build(runs, stage, args, source, provenance, mod_env, commands, evals=()) ->
     if args.track != "track_10min_16mb":
         L.append(f"- {label}.")
     L += ["", "## Files", "", "- `README.md`: this file",
-          "- `train_gpt.py`: the frozen source (from " + provenance.replace(str(ROOT) + "/", "") + ")",
-          "- `submission.json`: the summary above, machine-readable"]
+          ("- `train_gpt.py`: the packed wrapper that made the runs (from "
+           + code.provenance.replace(str(ROOT) + "/", "") + "); `python3 tools/pack_code.py --check` shows what "
+           "it executes" if code.packed else
+           "- `train_gpt.py`: the frozen source (from " + code.provenance.replace(str(ROOT) + "/", "") + ")")]
+    if code.packed:
+        L += ["- `train_gpt_source.py`: its readable source (not counted: the wrapper executes it minified)"]
+    L += ["- `submission.json`: the summary above, machine-readable"]
     L += [f"- `train_seed{seed}.log`, `train_seed{seed}.json`: the run's log and summary" for seed in seeds]
     L += [f"- `{eval_file(e['seed'], i)}.log`, `{eval_file(e['seed'], i)}.json`: other evaluation {i + 1}, seed "
           f"{e['seed']}" for i, g in enumerate(evals) for e in g["runs"]]
@@ -481,9 +582,10 @@ def make_record(args) -> Path:
     except ToolError as e:
         raise Refused(str(e)) from None
     runs, stage = load_runs(paths, args.stage, args.track)
-    source, provenance = frozen_source(runs, args.script)
+    code = frozen_code(runs, args.script, args.source, args.raw_code)
     try:
-        evals = load_evals(expand_paths(args.evals), runs, source) if args.evals else []
+        evals = load_evals(expand_paths(args.evals), runs, code.executed, runs[0]["facts"].code_sha) \
+            if args.evals else []
     except ToolError as e:
         raise Refused(str(e)) from None
     s0 = runs[0]["summary"]
@@ -496,14 +598,16 @@ def make_record(args) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        (tmp / "train_gpt.py").write_bytes(source.encode("utf-8"))
+        (tmp / "train_gpt.py").write_bytes(code.file)
+        if code.packed:
+            (tmp / "train_gpt_source.py").write_bytes(code.source)
         mod = import_frozen(tmp / "train_gpt.py")
         env = command_env(mod, s0["config"], s0["device"])
         commands = {}
         for r in runs:
             check_command(mod, env, r["seed"], r["summary"]["config"], s0["device"])
             commands[str(r["seed"])] = render_command(env, r["seed"], s0["device"], s0["world_size"])
-        readme, sub = build(runs, stage, args, source, provenance, env, commands, evals)
+        readme, sub = build(runs, stage, args, code, env, commands, evals)
         for r in runs:
             shutil.copyfile(r["log"], tmp / f"train_seed{r['seed']}.log")
             shutil.copyfile(r["json"], tmp / f"train_seed{r['seed']}.json")
@@ -513,6 +617,9 @@ def make_record(args) -> Path:
                 shutil.copyfile(e["json"], tmp / f"{eval_file(e['seed'], i)}.json")
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+        for rule in audit.audit(audit.load_record(tmp)):  # the organisers' checks on the finished folder
+            if rule.ok is False:
+                raise Refused(f"{rule.name}: {rule.detail}")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -541,7 +648,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", help="the scored stage (default: the runs' final_compliant_stage)")
     ap.add_argument("--blurb", default="", help="one paragraph: what is new")
     ap.add_argument("--date", default=_dt.date.today().isoformat(), help="YYYY-MM-DD (default today)")
-    ap.add_argument("--script", help="train_gpt.py to freeze (default: the source embedded in the run logs)")
+    ap.add_argument("--script", help="the train_gpt.py that made the runs, to ship (default: the wrapper packed from "
+                    "--source, or with --raw-code the source embedded in the logs); checked against the logs")
+    ap.add_argument("--source", help="the readable source of a packed wrapper (default: the repository's "
+                    "train_gpt.py); it must minify to the source the runs executed")
+    ap.add_argument("--raw-code", action="store_true", help="ship the raw train_gpt.py (runs made by the raw file)")
     ap.add_argument("--hardware", help="hardware description (default: from the summaries)")
     ap.add_argument("--records-dir", default=str(ROOT / "records"), help="records folder (default records/)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing folder of the same name")
