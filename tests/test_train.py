@@ -9,6 +9,7 @@
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -315,3 +316,64 @@ def test_a_training_step_syncs_the_host_once(tg, tiny_data, tmp_path, monkeypatc
         assert out["steps"] == iters
         counts[iters] = c.n
     assert (counts[14] - counts[12]) / 2 == 1, counts
+
+
+def test_rerun_with_the_same_run_id_is_refused(tg, e2e, capsys):
+    """A second run with the RUN_ID of a finished one is refused (one line naming the log) before anything is
+    touched: the old log used to get the second run appended, and its summary and artifact were overwritten."""
+    import signal
+    env, out, s = e2e
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = tg.main(env)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"error: {out / 'tiny.txt'} exists (an earlier run with RUN_ID=tiny): set another RUN_ID, or "
+                      "unset it for a fresh one")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_packed_wrapper_runs_identically(tg, tiny_data, tmp_path):
+    """The same tiny run from the raw train_gpt.py and from its packed wrapper (tools/pack_code.py, as a record
+    ships it): identical scores; each counts its own file's bytes as code (and fits the artifact with them), logs
+    that file's sha256 at start, and embeds the source it executed (for the wrapper: the minified source)."""
+    import hashlib
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    sys.path.insert(0, str(tiny_run.REPO_ROOT / "tools"))
+    import pack_code
+    wrapper = tmp_path / "packed" / "train_gpt.py"
+    assert pack_code.main([str(tiny_run.TRAIN_GPT), "-o", str(wrapper)]) == 0
+    files = {"raw": tiny_run.TRAIN_GPT, "packed": wrapper}
+
+    def run(name):
+        knobs = {f.name.upper() for f in dataclasses.fields(tg.Config)} | {"PRESET", "DEBUG"}
+        env = {k: v for k, v in os.environ.items() if k not in knobs}
+        env.update(tiny_run.tiny_env(*tiny_data, tmp_path / name, RUN_ID=name, TTT_ENABLED="0"))
+        return subprocess.run([sys.executable, str(files[name])], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+
+    with ThreadPoolExecutor(2) as ex:
+        results = dict(zip(files, ex.map(run, files)))
+    logs, sums = {}, {}
+    for name, r in results.items():
+        assert r.returncode == 0, r.stderr[-2000:]
+        logs[name] = (tmp_path / name / f"{name}.txt").read_text()
+        sums[name] = json.loads((tmp_path / name / f"{name}.json").read_text())
+    exact = {k: tiny_run.exact_lines(v) for k, v in logs.items()}
+    assert exact["raw"] and exact["packed"] == exact["raw"]
+    executed = {"raw": tiny_run.TRAIN_GPT.read_text(), "packed": pack_code.unpack(wrapper.read_bytes())[1].decode()}
+    for name, path in files.items():
+        data, log, s = path.read_bytes(), logs[name], sums[name]
+        assert s["bytes_code"] == len(data) and s["bytes_total"] == len(data) + s["bytes_model"]
+        assert re.search(rf"^Code size: {len(data)} bytes", log, re.M)
+        assert f"\ncode:train_gpt.py bytes:{len(data)} sha256:{hashlib.sha256(data).hexdigest()} " \
+               f"packed:{int(name == 'packed')}\n" in log
+        assert log.split("\n", 1)[1].startswith(executed[name] + "\npython:")  # the source that ran, then the runtime
+    assert "Code size: %d bytes (the packed wrapper that ran)" % wrapper.stat().st_size in logs["packed"]
+    assert sums["packed"]["bytes_model"] == sums["raw"]["bytes_model"]
+    assert len(wrapper.read_bytes()) < len(tiny_run.TRAIN_GPT.read_bytes()) // 3

@@ -598,13 +598,16 @@ def bench_size(args) -> int:
                 if prm.dim() >= 2:  # matrices: i.i.d. normal at the init's scale (1/sqrt(fan_in) where it was 0)
                     std = float(prm.std()) or prm.shape[-1] ** -0.5
                     prm.normal_(0.0, std)
-    code = len((ROOT / "train_gpt.py").read_bytes())
+    try:
+        code = len(Path(args.code).read_bytes())
+    except OSError as e:
+        raise BenchError(f"--code {args.code}: cannot read ({e.strerror})") from None
     target = cfg.artifact_target_bytes
     t0 = time.perf_counter()
     blob, method, cands, step = tg.export_model(model, cfg, tg.model_budget(cfg, code))
     secs = time.perf_counter() - t0
     total = code + len(blob)
-    print(f"# bench size: PRESET={cfg.preset} init={args.init} seed={args.seed}; "
+    print(f"# bench size: PRESET={cfg.preset} init={args.init} seed={args.seed} code={args.code}; "
           f"{cfg.num_layers} layers x {cfg.model_dim}, vocab {cfg.vocab_size}; export {secs:.1f}s")
     print(f"model_params:{tg.count_params(model)}")
     for k, v in sorted(cands.items(), key=lambda kv: kv[1]):
@@ -683,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     sz.add_argument("--init", choices=("trainer", "gaussian"), default="gaussian",
                     help="gaussian (default): i.i.d. weights, close to trained entropy; trainer: the real init")
     sz.add_argument("--seed", type=int, default=0)
+    sz.add_argument("--code", default=str(ROOT / "train_gpt.py"), help="the train_gpt.py whose bytes count as code "
+                    "(default: the repository's raw file; a record's packed wrapper: tools/pack_code.py)")
     sz.add_argument("--json", default="", help="also write the numbers here")
     return ap
 

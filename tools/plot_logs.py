@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from _cli import Parser
+from check_record import split_runs
 
 STEP_RE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+(?:\.\d+)?)ms")
 VAL_RE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) val_bpb:(\S+) train_time:(\d+(?:\.\d+)?)ms")
@@ -58,7 +59,11 @@ def load_run(path: Path) -> dict:
     js = path if path.suffix == ".json" else path.with_suffix(".json")
     run = {"train": [], "val": [], "stages": {}, "run_id": None}
     if txt.is_file():
-        run = parse_log(txt.read_text(encoding="utf-8", errors="replace"))
+        runs = split_runs(txt.read_text(encoding="utf-8", errors="replace"))
+        if len(runs) > 1:  # the summary next to it is the last run's
+            print(f"warning: {txt} holds {len(runs)} runs (an older train_gpt.py appended reruns of the same RUN_ID "
+                  "to one log): plotting the last", file=sys.stderr)
+        run = parse_log(runs[-1])
     if js.is_file():
         try:
             s = json.loads(js.read_text(encoding="utf-8"))
