@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -426,6 +428,281 @@ def test_make_record_refusals(tools, tmp_path, capsys, case, reason):
     assert rc == 1
     assert err.startswith("refused: ") and err.count("\n") == 1 and reason in err, err
     assert not (tmp_path / "records").exists() or not any((tmp_path / "records").rglob("*.json"))
+
+
+# ---- 3b. make_record with a packed wrapper, the new refusals; check_record
+def packed_runs(tools, logs: Path, source=SOURCE, seeds=SEEDS, env=None, **kw):
+    """Runs of the packed wrapper of `source` (what a record ships): their logs embed the minified source the
+    wrapper executed and count the wrapper's bytes."""
+    pc = tools["pack_code"]
+    wrapper, _ = pc.pack(source)
+    executed = pc.unpack(wrapper)[1].decode()
+    tg = tools["_common"].tg
+    return wrapper, [fake_run(tg, logs, f"w_s{s}", s, env=env or {"SLOT_MODE": "causal"}, source=executed,
+                              wrapper=wrapper, **kw) for s in seeds]
+
+
+def test_pack_code(tools, tmp_path, capsys, monkeypatch):
+    pc = tools["pack_code"]
+    wrapper, facts = pc.pack(SOURCE)
+    assert pc.pack(SOURCE)[0] == wrapper  # deterministic (for one python-minifier version)
+    assert facts["wrapper_bytes"] == len(wrapper) < len(SOURCE.encode()) // 3
+    method, executed = pc.unpack(wrapper)
+    assert method == facts["method"] and executed.decode() == pc.minify(SOURCE)
+    assert wrapper.count(b"\n") == 2 and b"exec(_SRC:=" in wrapper  # the two-line loader
+    assert pc.unpack(SOURCE.encode()) is None and pc.unpack(wrapper[:-10] + b'x")))\n') is None
+    out = tmp_path / "p" / "train_gpt.py"
+    assert pc.main([str(REPO_ROOT / "train_gpt.py"), "-o", str(out)]) == 0
+    assert out.read_bytes() == pack_file_bytes(pc) and [p.name for p in out.parent.iterdir()] == ["train_gpt.py"]
+    assert pc.main(["--check", str(out)]) == 0 and "executes" in capsys.readouterr().out
+    assert pc.main([str(out), "-o", str(tmp_path / "x.py")]) == 2
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(:\n")
+    assert pc.main([str(bad), "-o", str(tmp_path / "y.py")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "already a packed wrapper" in err[0] and "does not parse (line 1" in err[1], err
+    assert not (tmp_path / "x.py").exists() and not (tmp_path / "y.py").exists()
+    # the wrapper imports as a module (make_record imports a record's train_gpt.py): the executed source defines
+    # everything in the wrapper's namespace, and __file__ is the wrapper; the lzma loader too
+    monkeypatch.setattr(pc, "compress", lambda data: {"lzma": pc.lzma.compress(
+        data, format=pc.lzma.FORMAT_RAW, filters=pc.LZMA_FILTERS)})
+    lz = tmp_path / "lz" / "train_gpt.py"
+    lz.parent.mkdir()
+    lz.write_bytes(pc.pack(SOURCE)[0])
+    assert pc.unpack(lz.read_bytes())[0] == "lzma"
+    for path in (out, lz):
+        spec = importlib.util.spec_from_file_location(f"packed_{path.parent.name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        assert mod._SRC == executed and mod.__file__ == str(path)
+        cfg = mod.Config.from_env({"PRESET": "cpu", "SLOT_MODE": "causal"}, cuda=False)
+        assert cfg.slot_mode == "causal" and mod.window_plan(100, 32, 8) == tools["_common"].tg.window_plan(100, 32, 8)
+
+
+def pack_file_bytes(pc) -> bytes:
+    return pc.pack((REPO_ROOT / "train_gpt.py").read_text(encoding="utf-8"))[0]
+
+
+def test_make_record_ships_the_packed_wrapper(tools, tmp_path, capsys):
+    mr, cr = tools["make_record"], tools["check_record"]
+    src = tmp_path / "train_gpt.py"
+    src.write_text(SOURCE, encoding="utf-8")
+    wrapper, runs = packed_runs(tools, tmp_path / "logs")
+    assert mr.main(record_args(runs, tmp_path, "--source", str(src), raw=False)) == 0, capsys.readouterr().err
+    folder = tmp_path / "records" / "cpu_demo" / "2026-01-02_CPU_Demo"
+    assert (folder / "train_gpt.py").read_bytes() == wrapper
+    assert (folder / "train_gpt_source.py").read_text(encoding="utf-8") == SOURCE
+    assert not (folder / "__pycache__").exists()
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_code"] == len(wrapper) and sub["bytes_total"] == len(wrapper) + 3_000_000
+    assert sub["code"] == {"file": "train_gpt.py", "bytes": len(wrapper), "sha256": hashlib.sha256(wrapper).hexdigest(),
+                           "packed": True, "packer": sub["code"]["packer"], "source_file": "train_gpt_source.py",
+                           "source_bytes": len(SOURCE.encode()), "source_sha256": hashlib.sha256(SOURCE.encode()).hexdigest()}
+    assert sub["pytorch_version"] == "2.13.0+cpu" and sub["cuda_version"] is None
+    comp = sub["compliance"]
+    assert comp["causal_labels"]["ttt_slot"] == "causal" and comp["every_token_scored_once_score_first"] is True
+    assert comp["train_seconds_max"] == 240.0 and comp["eval_seconds_max"] == 60.0 and comp["code_is_what_ran"]
+    readme = (folder / "README.md").read_text()
+    assert "`train_gpt_source.py`: its readable source" in readme and "the packed wrapper that made the runs" in readme
+    capsys.readouterr()
+    assert cr.main([str(folder)]) == 0
+    out = capsys.readouterr().out
+    for rule in ("files", "artifact_under_16mb", "code_is_what_ran", "readable_source", "train_under_600s",
+                 "eval_under_600s", "score_first_once", "three_seeds", "submission_matches_logs"):
+        assert re.search(rf"^PASS  {rule} ", out, re.M), (rule, out)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("raw_without_flag", "the runs ran the raw train_gpt.py"),
+    ("packed_with_raw_flag", "--raw-code would ship a file they did not run"),
+    ("other_source", "is not the source the runs executed"),
+    ("other_wrapper", "is not the wrapper that made the runs"),
+    ("train_too_long", "training took 640.0 s by its log (limit 600 s"),
+    ("eval_too_long", "evaluation took 700.0 s by its log (limit 600 s"),
+    ("two_seeds_record_track", "2 seed(s): a track_10min_16mb record needs at least 3"),
+])
+def test_make_record_code_and_limit_refusals(tools, tmp_path, capsys, case, reason):
+    tg, mr = tools["_common"].tg, tools["make_record"]
+    logs = tmp_path / "logs"
+    src = tmp_path / "train_gpt.py"
+    src.write_text(SOURCE, encoding="utf-8")
+    extra, track, raw = ["--source", str(src)], "cpu_demo", False
+    if case == "raw_without_flag":
+        runs = [fake_run(tg, logs, f"r_s{s}", s) for s in SEEDS]
+    elif case == "packed_with_raw_flag":
+        _, runs = packed_runs(tools, logs)
+        raw = True
+    elif case == "other_source":  # a real code change (comments and docstrings would minify away)
+        _, runs = packed_runs(tools, logs)
+        src.write_text(SOURCE + "\nEXTRA_CONSTANT = 1\n", encoding="utf-8")
+    elif case == "other_wrapper":  # the logs' sha256 is of another file than the one the source packs to
+        wrapper, _ = tools["pack_code"].pack(SOURCE)
+        executed = tools["pack_code"].unpack(wrapper)[1].decode()
+        runs = [fake_run(tg, logs, f"o_s{s}", s, source=executed, wrapper=wrapper + b"# ") for s in SEEDS]
+    elif case == "train_too_long":
+        _, runs = packed_runs(tools, logs, step_ms=16000.0)
+    elif case == "eval_too_long":
+        _, runs = packed_runs(tools, logs, eval_seconds=700.0)
+    else:
+        _, runs = packed_runs(tools, logs, seeds=SEEDS[:2], device="cuda:0")
+        track = "track_10min_16mb"
+    rc = mr.main(record_args(runs, tmp_path, *extra, track=track, raw=raw))
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("refused: ") and err.count("\n") == 1 and reason in err, err
+    assert not (tmp_path / "records").exists() or not any((tmp_path / "records").rglob("*"))
+
+
+def example_record() -> Path:
+    found = sorted((REPO_ROOT / "records" / "cpu_demo").glob("*/submission.json"))
+    assert found, "records/cpu_demo/ has no example record"
+    return found[-1].parent
+
+
+def test_check_record_on_the_example_record(tools, capsys):
+    cr = tools["check_record"]
+    assert cr.main([str(example_record())]) == 0
+    out = capsys.readouterr().out
+    for rule in ("files", "artifact_under_16mb", "code_is_what_ran", "readable_source", "train_under_600s",
+                 "eval_under_600s", "score_first_once", "three_seeds", "submission_matches_logs"):
+        assert re.search(rf"^PASS  {rule} ", out, re.M), (rule, out)
+    assert re.search(r"^n/a   cuda +cpu x1", out, re.M) and re.search(r"^n/a   significance ", out, re.M)
+    assert out.rstrip().endswith("verdict: every rule passes or is n/a")
+
+
+def _edit(path: Path, old: str, new: str, count: int = 1) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, (path.name, old)
+    path.write_text(text.replace(old, new, count), encoding="utf-8")
+
+
+def _to_record_track(d: Path) -> None:
+    sub = json.loads((d / "submission.json").read_text())
+    sub["track"] = "track_10min_16mb"
+    (d / "submission.json").write_text(json.dumps(sub, indent=2))
+
+
+def _break(d: Path, rule: str) -> list[str]:
+    """Break one rule in a copy of the example record; returns extra arguments for check_record."""
+    logs = sorted(d.glob("train_seed*.log"))
+    sub = json.loads((d / "submission.json").read_text())
+    if rule == "files":
+        (d / "README.md").unlink()
+    elif rule == "artifact_under_16mb":
+        m = re.search(r"^Total submission size int6: (\d+) bytes", logs[0].read_text(), re.M)
+        _edit(logs[0], m[0], "Total submission size int6: 16000001 bytes")
+    elif rule == "code_is_what_ran":
+        (d / "train_gpt.py").write_bytes((d / "train_gpt.py").read_bytes() + b"\n")
+    elif rule == "readable_source":
+        _edit(d / "train_gpt_source.py", "\ndef ", "\nEXTRA_CONSTANT = 1\n\n\ndef ")
+    elif rule == "train_under_600s":
+        m = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms", logs[1].read_text(), re.M)
+        _edit(logs[1], m[0], "stopping_early: wallclock_cap train_time:700000ms")
+    elif rule == "eval_under_600s":
+        m = re.search(r"^final stage:.* eval_seconds:([\d.]+)", logs[2].read_text(), re.M)
+        _edit(logs[2], m[0], m[0].replace(f"eval_seconds:{m[1]}", "eval_seconds:600.5"))
+    elif rule == "score_first_once":
+        _to_record_track(d)
+        m = re.search(rf"^stage:{sub['score_stage']} .* compliance:causal$", logs[0].read_text(), re.M)
+        _edit(logs[0], m[0], m[0].replace("compliance:causal", "compliance:non-causal"))
+    elif rule == "three_seeds":
+        _to_record_track(d)
+        logs[0].unlink()
+    elif rule == "cuda":
+        _to_record_track(d)
+    elif rule == "submission_matches_logs":
+        sub["val_bpb"] += 0.001
+        (d / "submission.json").write_text(json.dumps(sub, indent=2))
+    elif rule == "significance":  # the same score as the baseline: not 0.005 nats better
+        _to_record_track(d)
+        return ["--baseline-bpb", str(sub["val_bpb"])]
+    return []
+
+
+CHECK_RULES = ["files", "artifact_under_16mb", "code_is_what_ran", "readable_source", "train_under_600s",
+               "eval_under_600s", "score_first_once", "three_seeds", "cuda", "submission_matches_logs",
+               "significance"]
+
+
+@pytest.mark.parametrize("rule", CHECK_RULES)
+def test_check_record_catches_a_broken_copy(tools, tmp_path, capsys, rule):
+    cr = tools["check_record"]
+    d = tmp_path / "records" / "cpu_demo" / example_record().name
+    shutil.copytree(example_record(), d)
+    extra = _break(d, rule)
+    assert cr.main([str(d), *extra]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^FAIL  {rule} ", out, re.M), out
+    assert f"verdict: FAIL (" in out and rule in out.splitlines()[-1]
+
+
+def competition_folder(root: Path, *, code_size=None, train_ms=(587101, 587083, 587060)) -> Path:
+    """A record in the competition's own format (stdout-capture logs, their line names), made by hand."""
+    d = root / "track_10min_16mb" / "2026-04-01_Hand_Made"
+    d.mkdir(parents=True)
+    code = b"import lzma as L,base64 as B\nexec(L.decompress(B.b85decode('...')))\n" + b"#" * 16000
+    (d / "train_gpt.py").write_bytes(code)
+    (d / "README.md").write_text("# Hand made\n")
+    scores = {42: 1.08079352, 314: 1.08103216, 999: 1.08118295}
+    results = {}
+    for (seed, bpb), t in zip(scores.items(), train_ms):
+        total = 15_990_000 + seed
+        results[str(seed)] = {"val_bpb": round(bpb, 5), "artifact_bytes": total}
+        (d / f"train_seed{seed}.log").write_text("\n".join([
+            "W0409 04:38:18.092000 206 torch/distributed/run.py:803] *****", "Hyperparameters:", f"  seed: {seed}",
+            f"4000/20000 train_loss: 2.9106 train_time: 8.4m tok/s: 6223343",
+            f"stopping_early: wallclock_cap train_time: {t}ms step: 4550/20000",
+            "pre-quantization post-ema val_loss:2.80873254 val_bpb:1.08734790 eval_time:7440ms",
+            f"Code size: {code_size or len(code)} bytes",
+            f"Total submission size quantized+brotli: {total} bytes",
+            "quantized val_loss:2.84065044 val_bpb:1.09970431 eval_time:25515ms",
+            "quantized_sliding_window val_loss:2.79714850 val_bpb:1.08286335 eval_time:120961ms",
+            "ttt:start chunks=1238 ttt_lr=0.005 ttt_epochs=3",
+            f"quantized_ttt val_loss:{bpb * 2.583:.8f} val_bpb:{bpb:.8f} eval_time:366525ms", ""]))
+    (d / "submission.json").write_text(json.dumps({
+        "author": "someone", "name": "Hand made", "track": "10min_16mb", "val_bpb": round(sum(scores.values()) / 3, 5),
+        "seeds": list(scores), "seed_results": results,
+        "compliance": {"train_under_600s": True, "score_first_ttt": True, "three_seeds": True}}))
+    return d
+
+
+def test_check_record_competition_format(tools, tmp_path, capsys):
+    cr = tools["check_record"]
+    d = competition_folder(tmp_path / "ok")
+    assert cr.main([str(d), "--baseline-bpb", "1.1147"]) == 0
+    out = capsys.readouterr().out
+    assert "competition log format" in out.splitlines()[0] and "a record track" in out.splitlines()[0]
+    assert re.search(r"^PASS  eval_under_600s +max 513\.0 s .*quantized 25\.5 \+ quantized_sliding_window 121\.0 "
+                     r"\+ quantized_ttt 366\.5", out, re.M), out
+    assert re.search(r"^PASS  train_under_600s +max 587\.1 s", out, re.M)
+    assert re.search(r"^PASS  score_first_once +declared in submission.json", out, re.M)
+    assert re.search(r"^PASS  significance ", out, re.M) and re.search(r"^n/a   readable_source +a compressed "
+                                                                        r"wrapper of another packer", out, re.M)
+    # the shipped file is not the one the logs counted; a run over the cap by more than the step in flight
+    bad = competition_folder(tmp_path / "bad", code_size=16630, train_ms=(587101, 601500, 587060))
+    assert cr.main([str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^FAIL  code_is_what_ran +train_gpt.py is 16,0\d\d bytes but train_seed314.log counted 16,630", out,
+                     re.M), out
+    assert re.search(r"^FAIL  train_under_600s +max 601\.5 s \(seed 314\)", out, re.M), out
+    assert cr.main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_appended_log_reads_the_last_run(tools, tmp_path, capsys):
+    """Logs of an older train_gpt.py hold every rerun of a RUN_ID, appended: the tools read the last run (the one
+    the JSON summary next to it describes)."""
+    tg, pl, mr = tools["_common"].tg, tools["plot_logs"], tools["make_record"]
+    first = fake_run(tg, tmp_path / "a", "x", 1, shift=0.5).with_suffix(".txt").read_text()
+    js = fake_run(tg, tmp_path, "x", 1, env={"SLOT_MODE": "causal"})
+    log = js.with_suffix(".txt")
+    last = log.read_text()
+    log.write_text(first + last)
+    run = pl.load_run(log)
+    assert "holds 2 runs" in capsys.readouterr().err
+    assert [t for _, t, _ in run["train"]] == [t for _, t, _ in pl.parse_log(last)["train"]]
+    assert len(run["train"]) == 13  # not 26: one run's curve, no zig-zag
+    text, facts = mr.read_run_log(log)
+    assert text == last and facts.runs_in_file == 2 and facts.stages["ttt_slot"]["compliance"] == "causal"
 
 
 # ---- 4. plot_logs
