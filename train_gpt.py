@@ -1106,7 +1106,7 @@ class Logger:
         self.path, self.is_main, self.bar = path, is_main, None
         if path and is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "x", encoding="utf-8")  # run() refused an existing log: never append a second run
+            self.fh = open(path, "x", encoding="utf-8")  # never append a second run (run() refuses)
         else:
             self.fh = None
 
@@ -1929,7 +1929,7 @@ def run(env: dict) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
-    source = Path(__file__).read_bytes()  # the file that runs, measured once: its bytes count (a packed wrapper's too)
+    source = Path(__file__).read_bytes()  # the file that runs (maybe a packed wrapper), measured once: its bytes count
     log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
     try:
         return _run(cfg, rt, env, run_id, out_dir, loaded, source, log)
@@ -1940,7 +1940,7 @@ def run(env: dict) -> dict:
 def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded, source: bytes, log: Logger) -> dict:
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
     try:
-        code = _SRC  # noqa: F821  a wrapper (tools/pack_code.py) sets _SRC to the source it executes
+        code = _SRC  # noqa: F821  set by a wrapper (tools/pack_code.py): the source it executes
     except NameError:
         code = source
     log(code.decode("utf-8"), console=False)
