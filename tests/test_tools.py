@@ -431,11 +431,21 @@ def test_make_record_refusals(tools, tmp_path, capsys, case, reason):
 
 
 # ---- 3b. make_record with a packed wrapper, the new refusals; check_record
+_PACKED = {}
+
+
+def packed(pc, source: str) -> bytes:
+    """pc.pack(source)'s wrapper, computed once per source (minifying takes a second or two)."""
+    if source not in _PACKED:
+        _PACKED[source] = pc.pack(source)[0]
+    return _PACKED[source]
+
+
 def packed_runs(tools, logs: Path, source=SOURCE, seeds=SEEDS, env=None, **kw):
     """Runs of the packed wrapper of `source` (what a record ships): their logs embed the minified source the
     wrapper executed and count the wrapper's bytes."""
     pc = tools["pack_code"]
-    wrapper, _ = pc.pack(source)
+    wrapper = packed(pc, source)
     executed = pc.unpack(wrapper)[1].decode()
     tg = tools["_common"].tg
     return wrapper, [fake_run(tg, logs, f"w_s{s}", s, env=env or {"SLOT_MODE": "causal"}, source=executed,
@@ -453,7 +463,7 @@ def test_pack_code(tools, tmp_path, capsys, monkeypatch):
     assert pc.unpack(SOURCE.encode()) is None and pc.unpack(wrapper[:-10] + b'x")))\n') is None
     out = tmp_path / "p" / "train_gpt.py"
     assert pc.main([str(REPO_ROOT / "train_gpt.py"), "-o", str(out)]) == 0
-    assert out.read_bytes() == pack_file_bytes(pc) and [p.name for p in out.parent.iterdir()] == ["train_gpt.py"]
+    assert out.read_bytes() == packed(pc, (REPO_ROOT / "train_gpt.py").read_text(encoding="utf-8")) and [p.name for p in out.parent.iterdir()] == ["train_gpt.py"]
     assert pc.main(["--check", str(out)]) == 0 and "executes" in capsys.readouterr().out
     assert pc.main([str(out), "-o", str(tmp_path / "x.py")]) == 2
     bad = tmp_path / "bad.py"
@@ -478,10 +488,6 @@ def test_pack_code(tools, tmp_path, capsys, monkeypatch):
         assert mod._SRC == executed and mod.__file__ == str(path)
         cfg = mod.Config.from_env({"PRESET": "cpu", "SLOT_MODE": "causal"}, cuda=False)
         assert cfg.slot_mode == "causal" and mod.window_plan(100, 32, 8) == tools["_common"].tg.window_plan(100, 32, 8)
-
-
-def pack_file_bytes(pc) -> bytes:
-    return pc.pack((REPO_ROOT / "train_gpt.py").read_text(encoding="utf-8"))[0]
 
 
 def test_make_record_ships_the_packed_wrapper(tools, tmp_path, capsys):
@@ -537,7 +543,7 @@ def test_make_record_code_and_limit_refusals(tools, tmp_path, capsys, case, reas
         _, runs = packed_runs(tools, logs)
         src.write_text(SOURCE + "\nEXTRA_CONSTANT = 1\n", encoding="utf-8")
     elif case == "other_wrapper":  # the logs' sha256 is of another file than the one the source packs to
-        wrapper, _ = tools["pack_code"].pack(SOURCE)
+        wrapper = packed(tools["pack_code"], SOURCE)
         executed = tools["pack_code"].unpack(wrapper)[1].decode()
         runs = [fake_run(tg, logs, f"o_s{s}", s, source=executed, wrapper=wrapper + b"# ") for s in SEEDS]
     elif case == "train_too_long":
