@@ -184,7 +184,7 @@ class Rule:
     detail: str
 
     def line(self) -> str:
-        return f"{'PASS' if self.ok else 'n/a ' if self.ok is None else 'FAIL'}  {self.name:<22} {self.detail}"
+        return f"{'PASS' if self.ok else 'n/a ' if self.ok is None else 'FAIL'}  {self.name:<23} {self.detail}"
 
 
 @dataclass
