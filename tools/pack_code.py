@@ -13,7 +13,7 @@ Run as a script, the wrapper's `__name__` is "__main__" and its `__file__` is th
 Packing is deterministic for one python-minifier version.
 
     python3 tools/pack_code.py                                   # train_gpt.py -> packed/train_gpt.py
-    python3 tools/pack_code.py train_gpt.py -o records/.../train_gpt.py
+    python3 tools/pack_code.py --method lzma                     # a loader that needs only the standard library
     python3 tools/pack_code.py --check packed/train_gpt.py       # which source does a wrapper execute?
 """
 from __future__ import annotations
@@ -76,11 +76,15 @@ def decompress(method: str, blob: bytes) -> bytes:
     return brotli.decompress(blob)
 
 
-def pack(source: str) -> tuple[bytes, dict]:
-    """(wrapper bytes, facts): the minified source compressed with the smaller compressor, in its loader."""
+def pack(source: str, method: str = "auto") -> tuple[bytes, dict]:
+    """(wrapper bytes, facts): the minified source compressed with the smaller compressor (or `method`), in its
+    loader."""
     mini = minify(source).encode("utf-8")
     blobs = compress(mini)
-    method = min(blobs, key=lambda k: len(blobs[k]))
+    if method == "auto":
+        method = min(blobs, key=lambda k: len(blobs[k]))
+    elif method not in blobs:
+        raise PackError(f"--method {method}: the {method} module is not installed")
     head, tail = LOADERS[method]
     wrapper = (head + base64.b85encode(blobs[method]).decode("ascii") + tail).encode("ascii")
     assert unpack(wrapper) == (method, mini), "the wrapper does not decode to the minified source"
@@ -126,6 +130,9 @@ def main(argv=None) -> int:
                     "(default: the repository's train_gpt.py); with --check, the wrapper to inspect")
     ap.add_argument("-o", "--out", default=str(ROOT / "packed" / "train_gpt.py"),
                     help="the wrapper to write (default packed/train_gpt.py; keep the name train_gpt.py)")
+    ap.add_argument("--method", choices=("auto", "lzma", "brotli"), default="auto", help="the compressor (default: "
+                    "the smaller; lzma needs only the standard library where the wrapper runs, brotli the brotli "
+                    "package)")
     ap.add_argument("--check", action="store_true", help="print what a wrapper executes instead of packing")
     args = ap.parse_args(argv)
     src = Path(args.source)
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.resolve() == src.resolve():
             raise PackError(f"-o {out} would overwrite the source: write the wrapper elsewhere")
-        wrapper, facts = pack(text)
+        wrapper, facts = pack(text, args.method)
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
