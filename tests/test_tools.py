@@ -569,9 +569,13 @@ def test_check_record_on_the_example_record(tools, capsys):
     cr = tools["check_record"]
     assert cr.main([str(example_record())]) == 0
     out = capsys.readouterr().out
-    for rule in ("files", "artifact_under_16mb", "code_is_what_ran", "readable_source", "train_under_600s",
+    for rule in ("files", "artifact_under_16mb", "code_is_what_ran", "train_under_600s",
                  "eval_under_600s", "score_first_once", "three_seeds", "submission_matches_logs"):
         assert re.search(rf"^PASS  {rule} ", out, re.M), (rule, out)
+    if (example_record() / "train_gpt_source.py").exists():  # a packed record (an older one ships raw code)
+        assert re.search(r"^PASS  readable_source ", out, re.M), out
+    else:
+        assert re.search(r"^n/a   readable_source +train_gpt.py is the readable source itself", out, re.M), out
     assert re.search(r"^n/a   cuda +cpu x1", out, re.M) and re.search(r"^n/a   significance ", out, re.M)
     assert out.rstrip().endswith("verdict: every rule passes or is n/a")
 
@@ -630,11 +634,26 @@ CHECK_RULES = ["files", "artifact_under_16mb", "code_is_what_ran", "readable_sou
                "significance"]
 
 
+def packed_record(tools, tmp_path) -> Path:
+    """A packed record made by make_record from fabricated runs of the wrapper (as the example is, once made with
+    the wrapper)."""
+    src = tmp_path / "src" / "train_gpt.py"
+    src.parent.mkdir()
+    src.write_text(SOURCE, encoding="utf-8")
+    _, runs = packed_runs(tools, tmp_path / "logs")
+    args = record_args(runs, tmp_path / "made", "--source", str(src), raw=False)
+    assert tools["make_record"].main(args) == 0
+    return tmp_path / "made" / "records" / "cpu_demo" / "2026-01-02_CPU_Demo"
+
+
 @pytest.mark.parametrize("rule", CHECK_RULES)
 def test_check_record_catches_a_broken_copy(tools, tmp_path, capsys, rule):
     cr = tools["check_record"]
-    d = tmp_path / "records" / "cpu_demo" / example_record().name
-    shutil.copytree(example_record(), d)
+    base = example_record()
+    if rule == "readable_source" and not (base / "train_gpt_source.py").exists():
+        base = packed_record(tools, tmp_path)  # the example predates packed records
+    d = tmp_path / "records" / "cpu_demo" / base.name
+    shutil.copytree(base, d)
     extra = _break(d, rule)
     assert cr.main([str(d), *extra]) == 1
     out = capsys.readouterr().out
