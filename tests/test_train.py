@@ -110,6 +110,7 @@ def run_train(tg, cfg, tmp_path, clock, monkeypatch):
     model = tg.GPT(cfg)
     val = tg.ValData(tg.load_val_tokens(cfg), None)
     log_path = tmp_path / "train.txt"
+    log_path.unlink(missing_ok=True)  # the Logger never appends to an earlier log
     log = tg.Logger(log_path, True)
     out = tg.train(cfg, rt, model, val, log, clock=clock)
     log.close()
