@@ -438,7 +438,7 @@ def rule_submission(rec: Record) -> Rule:
         if isinstance(res, dict) and isinstance(res.get("val_bpb"), (int, float)) and \
                 abs(res["val_bpb"] - sc["val_bpb"]) > _tol(res["val_bpb"]) + 1e-8:
             probs.append(f"seed {seed}: val_bpb {res['val_bpb']} but its log scores {sc['val_bpb']:.8f}")
-        if isinstance(res, dict) and isinstance(res.get("artifact_bytes"), int) and \
+        if isinstance(res, dict) and isinstance(res.get("artifact_bytes"), int) and f.total_bytes is not None and \
                 res["artifact_bytes"] != f.total_bytes:
             probs.append(f"seed {seed}: artifact_bytes {res['artifact_bytes']:,} but its log says {f.total_bytes:,}")
     if probs:
