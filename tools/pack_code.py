@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import hashlib
 import lzma
 import os
@@ -46,6 +47,7 @@ class PackError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+@functools.lru_cache(maxsize=8)  # the audits of one folder minify the same source again and again
 def minify(source: str) -> str:
     try:
         import python_minifier
