@@ -378,3 +378,14 @@ def test_packed_wrapper_runs_identically(tg, tiny_data, tmp_path):
     assert "Code size: %d bytes (the packed wrapper that ran)" % wrapper.stat().st_size in logs["packed"]
     assert sums["packed"]["bytes_model"] == sums["raw"]["bytes_model"]
     assert len(wrapper.read_bytes()) < len(tiny_run.TRAIN_GPT.read_bytes()) // 3
+    # the real logs package and audit: the wrapper run ships the wrapper (default), the raw run the raw file
+    import check_record
+    import make_record
+    for name, extra in (("packed", []), ("raw", ["--raw-code"])):
+        assert make_record.main(["--runs", str(tmp_path / name / f"{name}.json"), "--name", f"Tiny_{name}",
+                                 "--author", "T", "--github-id", "t", "--track", "cpu_demo", "--date", "2026-01-02",
+                                 "--records-dir", str(tmp_path / "records"), *extra]) == 0
+        folder = tmp_path / "records" / "cpu_demo" / f"2026-01-02_Tiny_{name}"
+        assert (folder / "train_gpt.py").read_bytes() == files[name].read_bytes()
+        assert (folder / "train_gpt_source.py").exists() == (name == "packed")
+        assert check_record.main([str(folder)]) == 0
