@@ -193,13 +193,24 @@ def test_projection_counts_the_batches_of_eval_pass(tg, pf, data_env, monkeypatc
 def test_ttt_slice_gives_each_rank_the_8gpu_share(tg, pf):
     cfg = tg.Config()  # the competition shape: 32,768-token chunks, 16 rows, 512 windows
     for world in (1, 2, 4, 8):
-        C, k = pf.ttt_slice_chunks(cfg, 32, world)
+        C, k = pf.ttt_slice_chunks(cfg, 32, world, 62_021_632)
         assert C == 32768 * world // 8 and k >= 2
         assert C // cfg.eval_stride // world == 512 // 8  # windows per rank per chunk, as on 8 GPUs
         assert len(tg.ttt_rows(0, C, cfg.eval_seq_len)) // world == 16 // 8  # training rows per rank
         assert len(tg.window_plan(k * C, cfg.eval_seq_len, cfg.eval_stride)) >= 32 * world
     with pytest.raises(pf.ToolError, match="TTT_CHUNK_TOKENS"):
-        pf.ttt_slice_chunks(dataclasses.replace(cfg, ttt_chunk_tokens=64 * 12), 32, 1)
+        pf.ttt_slice_chunks(dataclasses.replace(cfg, ttt_chunk_tokens=64 * 12), 32, 1, 62_021_632)
+    with pytest.raises(pf.ToolError, match="too short"):
+        pf.ttt_slice_chunks(cfg, 32, 1, 10_000)
+
+
+def test_bad_ttt_config_is_refused_before_training(pf, data_env, monkeypatch, capsys):
+    for k, v in dict(data_env, TTT_CHUNK_TOKENS="1040", EVAL_STRIDE="16").items():  # 1040/8 = 130: not a multiple of 16
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(pf, "measure_training", lambda *a, **k: pytest.fail("trained before refusing"))
+    assert pf.main(["--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "TTT_CHUNK_TOKENS=1040" in err, err
 
 
 # ---- refusals: one line, exit 2 ----

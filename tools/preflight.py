@@ -185,10 +185,10 @@ def stage_configs(cfg) -> list[tuple[str, object, bool]]:
     return out
 
 
-def ttt_slice_chunks(cfg, B: int, world: int) -> tuple[int, int]:
+def ttt_slice_chunks(cfg, B: int, world: int, n: int) -> tuple[int, int]:
     """(chunk tokens, k): TTT chunks of TTT_CHUNK_TOKENS x world/8 tokens give each rank the windows and training
     rows a rank of 8 gets; k is the fewest chunks (>= 2) whose pass has at least B windows per rank, so that k and
-    k+1 chunks score in batches of the same shape."""
+    k+1 chunks score in batches of the same shape (n: the val targets there are)."""
     C = cfg.ttt_chunk_tokens * world // WORLD
     if C * WORLD != cfg.ttt_chunk_tokens * world or C % cfg.eval_stride or 2 * C < cfg.eval_seq_len:
         raise ToolError(f"TTT_CHUNK_TOKENS={cfg.ttt_chunk_tokens}: the preflight measures chunks of "
@@ -197,6 +197,9 @@ def ttt_slice_chunks(cfg, B: int, world: int) -> tuple[int, int]:
     k = 2
     while len(tg.window_plan(k * C, cfg.eval_seq_len, cfg.eval_stride)) < B * world and k < 64:
         k += 1
+    if (k + 1) * C > n:
+        raise ToolError(f"the val set ({n} targets) is too short for the TTT measurement ({(k + 1) * C} needed):"
+                        " raise VAL_MAX_TOKENS or get the full val set")
     return C, k
 
 
@@ -225,11 +228,8 @@ def measure_eval(cfg, rt, model, val, compiles: Compiles, args) -> dict:
                             first_seconds=slowest(rt, first), ms=slowest(rt, 1000 * statistics.median(times)))
     if cfg.ttt_enabled:
         progress(rt, "eval stage TTT chunk")
-        C, k = ttt_slice_chunks(cfg, B, rt.world_size)
+        C, k = ttt_slice_chunks(cfg, B, rt.world_size, n)
         tcfg = dataclasses.replace(cfg, ttt_chunk_tokens=C, ctw_weight=0.0)
-        if (k + 1) * C > n:
-            raise ToolError(f"the val set ({n} targets) is too short for the TTT measurement ({(k + 1) * C} needed):"
-                            " raise VAL_MAX_TOKENS or get the full val set")
 
         def ttt_pass(chunks: int):
             sl = tg.ValData(val.tokens[: chunks * C + 1], val.luts)
@@ -349,6 +349,9 @@ def run_preflight(args, env: dict) -> tuple[dict, bool]:
     torch.manual_seed(cfg.seed)
     val = tg.ValData(tg.load_val_tokens(cfg), tg.load_tokenizer_luts(cfg))
     n = val.tokens.numel() - 1
+    if cfg.ttt_enabled:  # a config the TTT measurement cannot take: said before the minutes of training
+        B = tg.pass_batch(len(tg.window_plan(n, cfg.eval_seq_len, cfg.eval_stride)), cfg.eval_batch_seqs, WORLD)
+        ttt_slice_chunks(cfg, B, rt.world_size, n)
     report = dict(device=str(rt.device), device_type=rt.device.type, world_size=rt.world_size,
                   gpu=torch.cuda.get_device_name(rt.device) if rt.cuda else None,
                   device_memory_mb=torch.cuda.get_device_properties(rt.device).total_memory / 2 ** 20 if rt.cuda
