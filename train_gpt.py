@@ -367,7 +367,7 @@ def setup_runtime(cfg: Config, env) -> Runtime:
     if want == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.enable_math_sdp(False)  # a fallback to SDPA's T x T math kernel fails instead of crawling
-        load_flash_attn(device)
+        load_flash_attn(device, cfg.head_dim)
     ATTN_CALLS.clear()
     ATTN_CALLS.update({n: torch.zeros((), dtype=torch.long, device=device) for n in ("flash_attn_3", "flash_attn_2", "sdpa")})
     if world > 1 and not dist.is_initialized():
@@ -426,8 +426,9 @@ FLASH_NOTES: list = []  # why an installed flash-attn is not used
 ATTN_CALLS: dict = {}  # attention calls per backend (0-dim tensors, set up by setup_runtime): what actually ran
 
 
-def load_flash_attn(device) -> None:
-    """flash-attn 3 (Hopper), else 2: the first that imports and passes one causal GQA call against SDPA. A wheel
+def load_flash_attn(device, head_dim: int = 64) -> None:
+    """flash-attn 3 (Hopper), else 2: the first that imports and passes one causal GQA call at the model's head dim
+    against SDPA. A wheel
     built for another torch fails here (any exception, not only ImportError) and is noted, not used."""
     _flash.clear()
     for name, module in (("flash_attn_3", "flash_attn_interface"), ("flash_attn_2", "flash_attn")):
@@ -440,7 +441,7 @@ def load_flash_attn(device) -> None:
             continue
         try:
             g = torch.Generator(device=device).manual_seed(0)
-            q = torch.randn(1, 256, 4, 64, device=device, dtype=torch.bfloat16, generator=g)
+            q = torch.randn(1, 256, 4, head_dim, device=device, dtype=torch.bfloat16, generator=g)
             k, v = q[:, :, :2].contiguous(), q[:, :, 2:].contiguous()
             out = fn(q, k, v, causal=True)
             out = out[0] if isinstance(out, tuple) else out
@@ -1614,15 +1615,16 @@ def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bo
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
                 slot: bool) -> tuple[Tensor, dict]:
-    """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: fp64 NLL of scored rows}).
-    Variant "plain" is the model as is; "slot" adds the fitted delta. The head runs in fp32 (bf16 trunk)."""
+    """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: (B,T) fp64 NLL, 0 where not
+    scored}): dense, so that nothing waits on the host. Variant "plain" is the model as is; "slot" adds the fitted
+    delta. The head runs in fp32 (bf16 trunk)."""
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
         h = wide(h)  # a float64 model stays float64
         nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, los, cfg, slot)
     scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
-    return scored, {v: t[scored].double() for v, t in zip(("plain", "slot"), nll) if t is not None}
+    return scored, {v: torch.where(scored, t, 0).double() for v, t in zip(("plain", "slot"), nll) if t is not None}
 
 
 def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
@@ -1731,17 +1733,18 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             xy = tokens[idx].to(rt.device)
             x, y = xy[:, :-1], xy[:, 1:]
             los = torch.tensor([lo for _, _, lo in batch] + [T] * pad, device=rt.device)
-            scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)
-            pos = idx[:, :-1].to(rt.device)[scored]  # stream index of each scored target
+            scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)  # masked sums: no host sync
+            pos = idx[:, :-1].to(rt.device)  # stream index of each target
             if ctw:
-                nlls.update({ctw_variant(v): ctw_mix(nlls[v], ctw_lp[pos], cfg.ctw_weight) for v in list(nlls)})
-            nbytes = luts.target_bytes(x[scored], y[scored]).sum() if luts is not None else 0
+                nlls.update({ctw_variant(v): torch.where(scored, ctw_mix(nlls[v], ctw_lp[pos], cfg.ctw_weight), 0)
+                             for v in list(nlls)})
+            nbytes = (luts.target_bytes(x, y) * scored).sum() if luts is not None else 0
             for vi, v in enumerate(variants):
                 sums[vi, 0] += nlls[v].sum()
-                sums[vi, 1] += nlls[v].numel()
+                sums[vi, 1] += scored.sum()
                 sums[vi, 2] += nbytes
                 if collect:
-                    streams[v][pos.cpu()] = nlls[v].cpu()
+                    streams[v][pos[scored].cpu()] = nlls[v][scored].cpu()
         if ttt and ci < n_chunks - 1:
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
             ttt_train_chunk(model, opt, params, frozen_banks, val, ci * C, min((ci + 1) * C, n), lr, cfg, rt)

@@ -224,9 +224,9 @@ def target_sweep(tg, model, cfg, los):
     total = {"plain": 0.0, "slot": 0.0}
     for v in range(V):
         y[:, los:] = v
-        _, out = tg.score_batch(model, model.forward_hidden, x, y, torch.tensor([los]), cfg, runtime(tg), True)
+        scored, out = tg.score_batch(model, model.forward_hidden, x, y, torch.tensor([los]), cfg, runtime(tg), True)
         for k in total:
-            total[k] = total[k] + torch.exp(-out[k])
+            total[k] = total[k] + torch.exp(-out[k][scored])
     return total
 
 
@@ -334,12 +334,13 @@ def test_score_batch_windows_are_independent(tg, model, base):
     x2[2], y2[2] = torch.randint(0, V, (32,), generator=g), torch.randint(0, V, (32,), generator=g)
     _, new = tg.score_batch(model, model.forward_hidden, x2, y2, los, cfg, rt, True)
     win = torch.arange(4)[:, None].expand(-1, 32)[scored]
+    ref, new = ({v: t[scored] for v, t in d.items()} for d in (ref, new))
     for v in ("plain", "slot"):
         assert torch.equal(new[v][win != 2], ref[v][win != 2])
         assert not torch.equal(new[v][win == 2], ref[v][win == 2])
     _, bat = tg.score_batch(model, model.forward_hidden, x, y, los, cfg_of(cfg, slot_mode="batch"), rt, True)
     _, bat2 = tg.score_batch(model, model.forward_hidden, x2, y2, los, cfg_of(cfg, slot_mode="batch"), rt, True)
-    assert not torch.equal(bat["slot"][win == 1], bat2["slot"][win == 1])  # control: the shared delta couples them
+    assert not torch.equal(bat["slot"][scored][win == 1], bat2["slot"][scored][win == 1])  # control: shared delta
 
 
 def fit_problem(rows=(7, 0, 12, 3), D=16, seed=4, extra=2, dtype=torch.float64, vocab=V):
@@ -512,8 +513,9 @@ def test_compiled_head_matches_eager_and_keeps_windows_apart(tg, model32, base):
     compiled = tg.Runtime(device=torch.device("cpu"), amp=False, compile_head=True)
     for mode in ("causal", "batch"):
         cfg = cfg_of(base, slot_enabled=True, slot_mode=mode)
-        _, want = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
+        scored, want = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, runtime(tg), True)
         _, got = tg.score_batch(model32, model32.forward_hidden, x, y, los, cfg, compiled, True)
+        assert not bool(want["plain"][~scored].any())  # dense, 0 where not scored
         assert (want["slot"] - want["plain"]).abs().max() > 1e-3
         for v in ("plain", "slot"):
             torch.testing.assert_close(got[v], want[v], rtol=0, atol=2e-5)
