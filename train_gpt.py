@@ -428,8 +428,8 @@ ATTN_CALLS: dict = {}  # attention calls per backend (0-dim tensors, set up by s
 
 def load_flash_attn(device, head_dim: int = 64) -> None:
     """flash-attn 3 (Hopper), else 2: the first that imports and passes one causal GQA call at the model's head dim
-    against SDPA. A wheel
-    built for another torch fails here (any exception, not only ImportError) and is noted, not used."""
+    against SDPA. A wheel built for another torch fails here (any exception, not only ImportError) and is noted,
+    not used."""
     _flash.clear()
     for name, module in (("flash_attn_3", "flash_attn_interface"), ("flash_attn_2", "flash_attn")):
         try:
