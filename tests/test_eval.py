@@ -355,8 +355,8 @@ def fit_problem(rows=(7, 0, 12, 3), D=16, seed=4, extra=2, dtype=torch.float64, 
 
 
 def test_fit_delta_groups_do_not_interact(tg, base):
-    """Bit-exact: a group's delta does not depend on the other groups' rows, on its own zero-weight rows, on being
-    fitted alone, or on the thread count (every sum runs over one group's rows or one delta's entries)."""
+    """Bit-exact: a group's delta does not depend on the other groups' rows, on its own zero-weight rows, or on the
+    thread count (every sum runs over one group's rows or one delta's entries); fitted alone, to rounding."""
     for dt in (torch.float64, torch.float32):
         cfg = cfg_of(base, slot_steps=6)
         z, y, wt, W = fit_problem(dtype=dt)
@@ -370,8 +370,9 @@ def test_fit_delta_groups_do_not_interact(tg, base):
         new = tg.fit_delta(z2, y2, wt, W, cfg)
         others = torch.arange(4) != 2
         assert torch.equal(new[others], ref[others]) and not torch.equal(new[2], ref[2])
-        for g in (0, 3):
-            assert torch.equal(tg.fit_delta(z[g:g + 1], y[g:g + 1], wt[g:g + 1], W, cfg)[0], ref[g])
+        for g in (0, 3):  # alone: to rounding (the two small products are BLAS matmuls)
+            torch.testing.assert_close(tg.fit_delta(z[g:g + 1], y[g:g + 1], wt[g:g + 1], W, cfg)[0], ref[g],
+                                       rtol=0, atol=1e-12 if dt == torch.float64 else 1e-5)
         torch.set_num_threads(2)
         try:
             assert torch.equal(tg.fit_delta(z, y, wt, W, cfg), ref)
@@ -505,8 +506,8 @@ def model32(tg, base, model):
 
 
 def test_compiled_head_matches_eager_and_keeps_windows_apart(tg, model32, base):
-    """torch.compile'd head_nll scores as the eager one (fp32: to 2e-5), and a window's compiled delta is the same
-    bits fitted alone or in a batch."""
+    """torch.compile'd head_nll scores as the eager one (fp32: to 2e-5), and a window's compiled delta fitted alone
+    agrees with it fitted in a batch."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, V, (4, 32), generator=g), torch.randint(0, V, (4, 32), generator=g)
     los = torch.tensor([0, 24, 24, 8])
@@ -524,7 +525,7 @@ def test_compiled_head_matches_eager_and_keeps_windows_apart(tg, model32, base):
     cfg = cfg_of(base, slot_steps=3, slot_lr=0.05)
     both = fit(z, yy, wt, W, cfg)
     torch.testing.assert_close(both, tg.fit_delta(z, yy, wt, W, cfg), rtol=0, atol=1e-5)
-    assert torch.equal(fit(z[3:], yy[3:], wt[3:], W, cfg)[0], both[3])
+    torch.testing.assert_close(fit(z[3:], yy[3:], wt[3:], W, cfg)[0], both[3], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(ttt_enabled=True)])
