@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 try:  # optional compressors: the artifact uses whichever is smallest among those present
     import zstandard
@@ -151,6 +152,10 @@ class Config:
     ctw_alpha: float = 0.0  # CTW_ALPHA: estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
     control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
     artifact_target_bytes: int = 16_000_000  # ARTIFACT_TARGET_BYTES: code + model over this: coarser int6 step until it fits (0: never)
+    gptq: bool = False  # GPTQ: int6 rounding by GPTQ, calibrated inside the training budget (0: to nearest)
+    gptq_calib: str = "self"  # GPTQ_CALIB: self (sequences the model samples) | train (train tokens)
+    gptq_calib_seqs: int = 64  # GPTQ_CALIB_SEQS: calibration sequences of TRAIN_SEQ_LEN tokens
+    gptq_reserve_seconds: float = 12.0  # GPTQ_RESERVE_SECONDS: training stops this much early to calibrate (GPTQ=1)
 
     # -- derived --
     @property
@@ -185,7 +190,7 @@ class Config:
                 raise UserError(f"{name}={getattr(self, name.lower())!r} is out of range: {allowed}")
         for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                      "TRAIN_BATCH_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "VAL_BATCH_SIZE",
-                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS", "CTW_DEPTH"):
+                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS", "CTW_DEPTH", "GPTQ_CALIB_SEQS"):
             need(getattr(self, name.lower()) > 0, name, "must be a positive integer")
         for name in ("ITERATIONS", "WARMDOWN_ITERS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
                      "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "SLOT_STEPS", "SLOT_CONTEXT", "XSA_LAST_N", "ROPE_DIMS",
@@ -193,7 +198,8 @@ class Config:
             need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
         for name in ("EMBED_LR", "HEAD_LR", "TIED_EMBED_LR", "MATRIX_LR", "SCALAR_LR", "TTT_LR", "SLOT_LR",
                      "MUON_WD", "ADAM_WD", "SLOT_WD", "GRAD_CLIP_NORM", "TTT_GRAD_CLIP", "TIED_EMBED_INIT_STD",
-                     "MAX_WALLCLOCK_SECONDS", "EVAL_TIME_LIMIT_SECONDS", "ADAM_EPS", "LATE_QAT_THRESHOLD"):
+                     "MAX_WALLCLOCK_SECONDS", "EVAL_TIME_LIMIT_SECONDS", "ADAM_EPS", "LATE_QAT_THRESHOLD",
+                     "GPTQ_RESERVE_SECONDS"):
             need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
         for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
                      "SLOT_BETA1", "SLOT_BETA2"):
@@ -202,6 +208,9 @@ class Config:
         need(self.ctw_alpha >= 0, "CTW_ALPHA", "must be >= 0 (0: 1/VOCAB_SIZE)")
         need(self.slot_eps > 0, "SLOT_EPS", "must be > 0")
         need(self.slot_mode in SLOT_MODES, "SLOT_MODE", f"one of {', '.join(SLOT_MODES)}")
+        need(self.gptq_calib in ("self", "train"), "GPTQ_CALIB", "one of self, train")
+        need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
+             "GPTQ_RESERVE_SECONDS", f"< MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} with GPTQ=1")
         need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be a multiple of NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
@@ -260,7 +269,7 @@ RETIRED_VARS = {
 # Env vars of the environment that are not ours even though they share a prefix.
 FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG",
                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
-_OUR_PREFIXES = ("SLOT_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
+_OUR_PREFIXES = ("SLOT_", "GPTQ_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
                  "BIGRAM_", "VE_", "ROPE_", "XSA_", "WARMUP_", "WARMDOWN_", "TIED_", "MATRIX_", "SCALAR_", "NUM_",
                  "MODEL_", "MLP_", "LOGIT_", "QK_", "LN_", "GRAD_", "HEAD_", "EMBED_", "MAX_", "LOAD_")
 
@@ -1333,14 +1342,103 @@ def coarsen_rows(w: Tensor, s: Tensor, step: float) -> tuple[Tensor, Tensor]:
     return (w.float() / s.float()[:, None]).round().clamp(-31, 31).to(torch.int8), s
 
 
-def int6_bits(mats: dict, step: float) -> float:
+def gptq_factors(H: Tensor) -> tuple[Tensor, Tensor]:
+    """(U, order) for H = X^T X (B,C,C): U the upper Cholesky factor of the damped H^-1 (README: GPTQ)."""
+    H = H.double().clone()
+    d = H.diagonal(dim1=1, dim2=2)
+    d += 0.01 * d.mean(1, keepdim=True) + (d == 0)  # a dead input is rounded to nearest
+    p = d.argsort(1, descending=True)
+    H = H.gather(1, p[:, :, None].expand_as(H)).gather(2, p[:, None, :].expand_as(H))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float(), p
+
+
+def gptq_codes(w: Tensor, s: Tensor, U: Tensor, p: Tensor, block: int = 128) -> Tensor:
+    """int6 codes (float) of w (B,R,C) on row grids s (B,R) by GPTQ, columns in order p."""
+    p = p[:, None, :].expand(w.shape)
+    W = w.float().gather(2, p).transpose(1, 2).contiguous()  # (B,C,R): a column is contiguous
+    s, Q = s.float(), torch.empty_like(W)
+    for a in range(0, W.size(1), block):  # errors go onto the block's next columns now, the rest per block
+        b = min(a + block, W.size(1))
+        for j in range(a, b):
+            Q[:, j] = q = (W[:, j] / s).round().clamp(-31, 31)
+            W[:, j] = e = (W[:, j] - q * s) / U[:, j, j, None]
+            W[:, j + 1:b] -= U[:, j, j + 1:b, None] * e[:, None]
+        W[:, b:] -= U[:, a:b, b:].transpose(1, 2) @ W[:, a:b]
+    return torch.empty(w.shape, device=w.device).scatter_(2, p, Q.transpose(1, 2))
+
+
+def int6_codes(mats: dict, step: float, gptq: list = ()) -> dict:
+    """{name: (codes, scales)} of mats' (weight, scale) pairs at `step`: to nearest, or by GPTQ for the names in
+    gptq = [(names, U, order)] (names stacked over layers)."""
+    out = {k: coarsen_rows(w, s, step) for k, (w, s) in mats.items()}
+    for ks, U, p in gptq:
+        s = torch.stack([out[k][1] for k in ks])
+        q = gptq_codes(torch.stack([mats[k][0] for k in ks]).to(U.device), s.to(U.device), U, p)
+        out.update((k, (qi.to(torch.int8).cpu(), si)) for k, qi, si in zip(ks, q, s))
+    return out
+
+
+def gptq_kinds(names, hessians: dict) -> list:
+    """[(names, U, order)]: the named matrices grouped by kind (stacked over layers), with gptq_factors."""
+    kinds = {}
+    for k in names:
+        kinds.setdefault(k.split(".", 2)[-1], []).append(k)  # blocks.{i}.attn.c_q.weight -> attn.c_q.weight
+    return [(ks, *gptq_factors(torch.stack([hessians[k] for k in ks]))) for ks in kinds.values()]
+
+
+def int6_bits(mats: dict, step: float, gptq: list = ()) -> float:
     """Order-0 entropy, in bits, of the int6 codes of every (weight, scale) pair in mats at a given step."""
     bits = 0.0
-    for w, s in mats.values():
-        c = torch.bincount(coarsen_rows(w, s, step)[0].view(-1).long() + 31, minlength=63).double()
-        p = c[c > 0] / w.numel()
-        bits -= w.numel() * float((p * p.log2()).sum())
+    for q, _ in int6_codes(mats, step, gptq).values():
+        c = torch.bincount(q.view(-1).long() + 31, minlength=63).double()
+        p = c[c > 0] / q.numel()
+        bits -= q.numel() * float((p * p.log2()).sum())
     return bits
+
+
+class HessianRecorder(TorchFunctionMode):
+    """Adds X^T X (fp64) of the input of each F.linear with a weight in `weights` ({name: bank slice}) to h[name].
+    No hook sees bank slices passed as arguments: they are known by address (so fp32: a cast copies)."""
+
+    def __init__(self, weights: dict):
+        super().__init__()
+        self.names, self.last = {w.data_ptr(): k for k, w in weights.items()}, (None, None)
+        self.h = {k: w.new_zeros(w.size(1), w.size(1), dtype=torch.float64) for k, w in weights.items()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[1].data_ptr() in self.names:
+            if args[0] is not self.last[0]:  # Q, K and V share an input
+                x = args[0].detach().flatten(0, -2).double()
+                self.last = (args[0], x.T @ x)
+            self.h[self.names[args[1].data_ptr()]] += self.last[1]
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
+    """{name: X^T X of the matrix's inputs, summed over ranks} on the first train tokens or on samples from BOS at
+    temperature 0.8 (PR #1019), each from its own generator: the set does not depend on the world size."""
+    model.eval()
+    T, (lo, hi) = cfg.train_seq_len, shard_range(cfg.gptq_calib_seqs, rt.rank, rt.world_size)
+    if cfg.gptq_calib == "train":
+        ids = torch.from_numpy(TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size).take(hi * T)[lo * T:]
+                               .astype(np.int64)).view(hi - lo, T).to(rt.device)
+    elif hi > lo:
+        import sentencepiece as spm
+        gens = [torch.Generator().manual_seed(cfg.seed + j) for j in range(lo, hi)]
+        ids = torch.full((hi - lo, 1), spm.SentencePieceProcessor(model_file=cfg.tokenizer_path).bos_id(),
+                         device=rt.device)
+        cache = {"rope_len": T}
+        for _ in range(T - 1):
+            with amp_ctx(rt):
+                z = model.compute_logits(model.forward_hidden(ids[:, -1:], cache)[:, -1]) / 0.8
+            u = torch.stack([torch.rand(cfg.vocab_size, generator=g) for g in gens]).to(rt.device)
+            ids = torch.cat((ids, (z - (-u.log()).log()).argmax(-1, keepdim=True)), 1)
+    rec = HessianRecorder(unbank({n: getattr(model, n).detach() for n in BANK_NAMES}, cfg.num_layers))
+    if hi > lo:
+        with rec:
+            model.forward_hidden(ids)
+    return {k: all_reduce_(h) for k, h in rec.h.items()}
 
 
 def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
@@ -1461,31 +1559,37 @@ def model_budget(cfg: Config, code_bytes: int) -> int:
     return max(cfg.artifact_target_bytes - code_bytes, 0)
 
 
-def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, dict, float]:
-    """Quantize and compress. Over `budget` model bytes (0: no limit), every int6 matrix moves to a grid `step`
-    times coarser than its clip search chose, with one step for all: the step whose predicted size (the int6
-    codes' order-0 entropy, anchored on the last measured size) fits, then measured with the chosen compressor
-    only; up to 4 tries. Returns (blob, method, sizes of the step-1 candidates, step)."""
+def export_model(model: GPT, cfg: Config, budget: int = 0, hessians: dict | None = None
+                 ) -> tuple[bytes, str, dict, float]:
+    """Quantize (int6 by GPTQ given hessians, else to nearest) and compress. Over `budget` model bytes (0: no
+    limit), every int6 matrix moves to a grid `step` times coarser than its clip search chose, with one step for
+    all: the step whose predicted size (the int6 codes' order-0 entropy, anchored on the last measured size) fits,
+    then measured with the chosen compressor only; up to 4 tries. Returns (blob, method, sizes at step 1, step)."""
     sd = model.state_dict()
     arrays, meta = quantize_state(sd, cfg)
     arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
+    mats = {k: (w.detach().cpu(), torch.from_numpy(arrays[k + ".scale"])) for k, w in unbank(sd, cfg.num_layers).items()
+            if meta[k]["kind"] == "int6"}
+    gptq = gptq_kinds(mats, hessians) if hessians is not None else []
+
+    def set_codes(step: float) -> None:
+        for k, (q, s) in int6_codes(mats, step, gptq).items():
+            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s.numpy()
+    if gptq:
+        set_codes(1.0)
     blob, method, sizes = pack_artifact(arrays, meta, arch)
     step = prev = 1.0
     goal = budget
-    mats = {k: (w.detach().cpu(), torch.from_numpy(arrays[k + ".scale"])) for k, w in unbank(sd, cfg.num_layers).items()
-            if meta[k]["kind"] == "int6"}
     for _ in range(4 if mats and budget else 0):
         if len(blob) <= budget:
             break
-        need, base = 8 * (len(blob) - goal), int6_bits(mats, step)
+        need, base = 8 * (len(blob) - goal), int6_bits(mats, step, gptq)
         lo, hi = step, 32.0
         for _ in range(20):  # bisection on the predicted saving; every step >= hi saves at least `need` bits
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if base - int6_bits(mats, mid) >= need else (mid, hi)
+            lo, hi = (lo, mid) if base - int6_bits(mats, mid, gptq) >= need else (mid, hi)
         step = hi
-        for k, (w, s) in mats.items():
-            q, s2 = coarsen_rows(w, s, step)
-            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s2.numpy()
+        set_codes(step)
         coarser = pack_artifact(arrays, meta, arch, only=method)[0]
         if len(coarser) >= len(blob):  # no saving: keep the finer grid (the caller reports the misfit)
             step = prev
@@ -1493,6 +1597,14 @@ def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, 
         blob, prev = coarser, step
         goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
     return blob, method, sizes, step
+
+
+def export_ranks(model: GPT, cfg: Config, rt: Runtime, budget: int, hessians: dict | None) -> tuple:
+    """export_model's result on every rank; with GPTQ, rank 0's, broadcast."""
+    box = [export_model(model, cfg, budget, hessians) if hessians is None or rt.is_main else None]
+    if hessians is not None and rt.distributed:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
@@ -1988,7 +2100,19 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
         log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
             f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
         log(f"seed:{cfg.seed}")
-        summary.update(train(cfg, rt, model, val, log))
+        reserve = cfg.gptq_reserve_seconds if cfg.gptq and cfg.max_wallclock_seconds else 0.0  # calibration's
+        summary.update(train(dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - reserve),
+                             rt, model, val, log))
+        hessians = None
+        if cfg.gptq:
+            t = time.perf_counter()
+            hessians = calibrate(model, cfg, rt)
+            sync(rt)
+            summary["calib_seconds"] = secs = time.perf_counter() - t
+            log(f"gptq:calibrated calib:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} calib_time:{1000 * secs:.0f}ms "
+                f"reserve:{1000 * reserve:.0f}ms train+calib:{1000 * (summary['train_seconds'] + secs):.0f}ms")
+            if secs > reserve > 0:
+                log(f"WARNING: calibration overran GPTQ_RESERVE_SECONDS={reserve:g} (raise it or lower GPTQ_CALIB_SEQS)")
         log(f"peak memory allocated: {peak_memory_mb(rt):.0f} MiB")
         t = time.perf_counter()
         vl, vb = evaluate_plain(model, val, cfg, rt)
@@ -1997,7 +2121,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
                                          "compliance": "causal"}
         t = time.perf_counter()
         target = cfg.artifact_target_bytes
-        blob, method, sizes, step = export_model(model.cpu(), cfg, model_budget(cfg, len(source)))
+        blob, method, sizes, step = export_ranks(model.cpu(), cfg, rt, model_budget(cfg, len(source)), hessians)
         if rt.is_main:
             atomic_write(artifact_path, blob)
         if rt.world_size > 1:

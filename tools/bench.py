@@ -4,6 +4,7 @@
     python tools/bench.py eval --artifact logs/run.ptz --val-tokens 0 --repeat 3
     python tools/bench.py train                                  # training steps/s, eager vs compiled, MFU
     PRESET=competition python tools/bench.py size                # artifact bytes of a config before training
+    python tools/bench.py quant                                  # int6 RTN vs GPTQ on one trained model
 
 eval: times the sliding pass and the score-first TTT pass of `train_gpt.eval_pass` with SLOT off, with
 SLOT_MODE=batch (the seed: 3 steps) and with SLOT_MODE=causal (8 steps; once per --contexts value, 0 = every context
@@ -33,6 +34,10 @@ each compressor's bytes, the code bytes and whether code + model fits in 16,000,
 trainer's initialisation: output projections start at zero and compress to almost nothing, so this is a lower
 bound) or gaussian (every weight i.i.d. normal, scaled per tensor like the init: close to the entropy of trained
 weights, the realistic estimate).
+
+quant: round-to-nearest against GPTQ int6 on the same trained weights, at the run's grid and coarser forced
+steps, at equal artifact bytes; --competition times calibration and GPTQ of the competition-shaped model and
+estimates 8xH100 (tools/bench_quant.py has the details).
 
 Floors: SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes (the SLOT issue); CTW adds
 at most 25% time to the sliding pass (the CTW issue) and at most 10% peak memory.
@@ -689,7 +694,30 @@ def build_parser() -> argparse.ArgumentParser:
     sz.add_argument("--code", default=str(ROOT / "train_gpt.py"), help="the train_gpt.py whose bytes count as code "
                     "(default: the repository's raw file; a record's packed wrapper: tools/pack_code.py)")
     sz.add_argument("--json", default="", help="also write the numbers here")
+    qu = sub.add_parser("quant", help="int6 round-to-nearest vs GPTQ on the same trained weights (penalty, bytes)")
+    qu.add_argument("--checkpoint", default="logs/bench_quant_cpu.pt",
+                    help="fp32 weights of the trained model: trained and saved here when missing")
+    qu.add_argument("--iterations", type=int, default=172,
+                    help="training steps when training (step-based schedule; default 172, the CPU main job's count)")
+    qu.add_argument("--steps", type=parse_steps, default=[1.5, 1.75, 2.0],
+                    help="forced int6 step factors besides the run's grid (default 1.5,1.75,2.0)")
+    qu.add_argument("--calib", choices=("self", "train"), default="", help="GPTQ_CALIB (default: the config's)")
+    qu.add_argument("--seqs", type=int, default=0, help="GPTQ_CALIB_SEQS (default: the config's; 8 with "
+                    "--competition)")
+    qu.add_argument("--competition", action="store_true",
+                    help="time calibration + GPTQ of the competition-shaped model here; estimate 8xH100")
+    qu.add_argument("--json", default="", help="also write the numbers here")
     return ap
+
+
+def parse_steps(s: str) -> list[float]:
+    try:
+        vals = [float(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated numbers >= 1, e.g. 1.5,2") from None
+    if any(not v >= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{s!r}: every step factor must be >= 1")
+    return vals
 
 
 def main(argv=None) -> int:
@@ -706,6 +734,14 @@ def main(argv=None) -> int:
             return bench_size(args)
         if args.cmd == "compile":
             return bench_compile(args)
+        if args.cmd == "quant":
+            import bench_quant
+            if args.iterations < 1 or args.seqs < 0:
+                raise BenchError("--iterations must be >= 1 and --seqs >= 0")
+            try:
+                return bench_quant.bench_quant(args)
+            except bench_quant.QuantBenchError as e:
+                raise BenchError(str(e)) from None
         if min(args.val_tokens, args.inner, args.batch_reps) < 0 or min(args.repeat, args.threads) < 1:
             raise BenchError("--val-tokens, --inner and --batch-reps must be >= 0, --repeat and --threads >= 1")
         args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
