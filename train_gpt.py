@@ -153,9 +153,9 @@ class Config:
     control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
     artifact_target_bytes: int = 16_000_000  # ARTIFACT_TARGET_BYTES: code + model over this: coarser int6 step until it fits (0: never)
     gptq: bool = False  # GPTQ: int6 rounding by GPTQ, calibrated inside the training budget (0: to nearest)
-    gptq_calib: str = "self"  # GPTQ_CALIB: self (sequences the model samples) | train (train tokens)
+    gptq_calib: str = "train"  # GPTQ_CALIB: train (train tokens) | self (sequences the model samples)
     gptq_calib_seqs: int = 64  # GPTQ_CALIB_SEQS: calibration sequences of TRAIN_SEQ_LEN tokens
-    gptq_reserve_seconds: float = 12.0  # GPTQ_RESERVE_SECONDS: training stops this much early to calibrate (GPTQ=1)
+    gptq_reserve_seconds: float = 8.0  # GPTQ_RESERVE_SECONDS: training stops this much early to calibrate (GPTQ=1)
 
     # -- derived --
     @property
@@ -208,7 +208,7 @@ class Config:
         need(self.ctw_alpha >= 0, "CTW_ALPHA", "must be >= 0 (0: 1/VOCAB_SIZE)")
         need(self.slot_eps > 0, "SLOT_EPS", "must be > 0")
         need(self.slot_mode in SLOT_MODES, "SLOT_MODE", f"one of {', '.join(SLOT_MODES)}")
-        need(self.gptq_calib in ("self", "train"), "GPTQ_CALIB", "one of self, train")
+        need(self.gptq_calib in ("train", "self"), "GPTQ_CALIB", "one of train, self")
         need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              "GPTQ_RESERVE_SECONDS", f"< MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} with GPTQ=1")
         need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
@@ -247,7 +247,8 @@ PRESET_VALUES = {
         xsa_last_n=2, ve_layers=(2, 3), train_seq_len=256, train_batch_tokens=16384, iterations=10000,
         max_wallclock_seconds=270.0, warmdown_iters=25, warmup_steps=2, muon_momentum_warmup_steps=20,
         val_loss_every=0, train_log_every=10, val_batch_size=16384, eval_seq_len=256, eval_stride=64,
-        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0, ema_decay=0.9),
+        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0, ema_decay=0.9,
+        gptq_reserve_seconds=15.0),
 }
 
 # Names the reference reads (or its README sets) that this program does not implement. None = any value is
@@ -1420,7 +1421,7 @@ def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
     temperature 0.8 (PR #1019), each from its own generator: the set does not depend on the world size."""
     model.eval()
     T, (lo, hi) = cfg.train_seq_len, shard_range(cfg.gptq_calib_seqs, rt.rank, rt.world_size)
-    if cfg.gptq_calib == "train":
+    if hi > lo and cfg.gptq_calib == "train":
         ids = torch.from_numpy(TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size).take(hi * T)[lo * T:]
                                .astype(np.int64)).view(hi - lo, T).to(rt.device)
     elif hi > lo:

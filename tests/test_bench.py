@@ -161,3 +161,45 @@ def test_bench_compile_no_breaks_no_recompiles_in_the_loop(tg, tmp_path):
     assert phases["eval:ttt"].get("forward") == 1  # TTT's training steps, one shape
     assert sum(sum(c.values()) for name, c in r["phases"] if name.startswith("eval_only")) <= 1  # the slot mode
     assert "recompiles in the timed training loop: 0 PASS" in p.stdout
+
+
+def test_bench_quant_tiny(tiny, tmp_path):
+    """`bench quant` trains once into --checkpoint, then compares RTN and GPTQ on those weights at the run's grid and
+    each forced step, GPTQ fitted to RTN's bytes; a second run reuses the checkpoint and measures the same."""
+    data, tok, root = tiny
+    env = tiny_env(data, tok, root / "out", MODEL_DIM="160", GPTQ_CALIB="train", GPTQ_CALIB_SEQS="4")  # MLP: int6
+    ck, out = tmp_path / "ck.pt", tmp_path / "q.json"
+    args = ["quant", "--checkpoint", str(ck), "--iterations", "3", "--steps", "1.5,2", "--json", str(out)]
+    p = bench(args, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "# training 3 steps" in p.stdout and ck.is_file()
+    r = json.loads(out.read_text())
+    assert [row["step"] for row in r["rows"]] == [1.0, 1.5, 2.0] and r["rows"][0]["run_grid"]
+    for row in r["rows"]:
+        assert row["gptq_bytes"] <= row["rtn_bytes"] or row["gptq_step"] == 1.0
+        assert row["rtn_penalty"] == pytest.approx(row["rtn_bpb"] - r["post_ema_bpb"])
+    assert r["rows"][2]["rtn_bytes"] < r["rows"][1]["rtn_bytes"] < r["rows"][0]["rtn_bytes"]
+    assert r["rows"][2]["gptq_step"] > 1.0 and "| x1.5 |" in p.stdout and "floor:" in p.stdout
+    p2 = bench(args, env)
+    assert p2.returncode == 0 and "# training" not in p2.stdout, p2.stderr[-3000:]
+    r2 = json.loads(out.read_text())
+    assert [x["rtn_bpb"] for x in r2["rows"]] == [x["rtn_bpb"] for x in r["rows"]]
+    assert [x["gptq_bytes"] for x in r2["rows"]] == [x["gptq_bytes"] for x in r["rows"]]
+    bad = bench(["quant", "--checkpoint", str(ck)], dict(env, MODEL_DIM="192"))
+    assert bad.returncode == 2 and "another model shape" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_quant_competition_timing_runs(tiny, tmp_path):
+    """--competition on a shrunk competition config: every phase is timed and estimated."""
+    data, tok, root = tiny
+    env = tiny_env(data, tok, root / "out", MODEL_DIM="160")
+    out = tmp_path / "c.json"
+    p = bench(["quant", "--competition", "--seqs", "2", "--export", "--json", str(out)], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    est = r["h100_estimate_seconds"]
+    for k in ("hessian_pass", "sampling", "calibration_train", "calibration_self", "gptq_factors", "gptq_pass",
+              "gptq_fit_1_try"):
+        assert est[k] > 0, k
+    assert r["hessian_pass_seconds"] > 0 and r["pass_calls"] > 0 and r["export_bytes"] > 0
+    assert "8xH100 estimate" in p.stdout

@@ -113,6 +113,10 @@ def test_calibration_sequences(tg, tiny_data, calib):
         torch.testing.assert_close(parts[0][k] + parts[1][k], h, rtol=1e-9, atol=1e-9)
         assert h.dtype == torch.float64 and torch.all(torch.linalg.eigvalsh(h) > -1e-6 * h.diagonal().max())
     assert one["blocks.0.attn.c_q.weight"].trace() == pytest.approx(n * cfg.model_dim, rel=1e-3)  # rms-normed input
+    # more ranks than sequences: a rank without a share contributes zeros (and still joins the all-reduce)
+    empty = tg.calibrate(model, dataclasses.replace(cfg, gptq_calib_seqs=1),
+                         tg.Runtime(device=torch.device("cpu"), rank=0, world_size=2, amp=False))
+    assert sorted(empty) == sorted(one) and all(not h.any() for h in empty.values())
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +162,7 @@ def test_fit_rule_on_gptq_codes(tg, monkeypatch, tiny_data):
 
 
 @needs_gloo
-@pytest.mark.parametrize("calib", ["self", "train"])
+@pytest.mark.parametrize("calib", ["self"])  # train: test_calibration_sequences (the sampling is the harder case)
 def test_artifact_bytes_are_identical_across_world_sizes(tg, tiny_data, tmp_path, calib):
     """One process and two (torchrun, gloo) calibrate the same weights and quantize once (rank 0, broadcast):
     the same bytes on every rank of both runs, and not the round-to-nearest bytes."""
@@ -184,13 +188,13 @@ def test_run_takes_calibration_from_the_training_budget(tg, tiny_data, tmp_path)
     """GPTQ=1: training stops GPTQ_RESERVE_SECONDS early, calibration runs after it, and the log and summary say
     how long each took; GPTQ=0 trains for the whole budget."""
     data, tok = tiny_data
-    env = tiny_run.tiny_env(data, tok, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=2.5, EVAL_BATCH_SEQS=64,
-                            TTT_ENABLED=0, SLOT_ENABLED=0, GPTQ=1, GPTQ_RESERVE_SECONDS=2, GPTQ_CALIB_SEQS=4)
+    env = tiny_run.tiny_env(data, tok, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=6, EVAL_BATCH_SEQS=64,
+                            TTT_ENABLED=0, SLOT_ENABLED=0, GPTQ=1, GPTQ_RESERVE_SECONDS=5, GPTQ_CALIB_SEQS=4)
     s = tg.run(dict(env, RUN_ID="gptq"))
-    assert 0.5 <= s["train_seconds"] < 1.5 and s["steps"] > 1
+    assert 1.0 <= s["train_seconds"] < 3.5 and s["steps"] > 1, s  # the budget less the reserve, + the last step
     log = (tmp_path / "gptq.txt").read_text()
     log = log[log.index("\nconfig "):]  # after the source code
-    m = re.search(r"^gptq:calibrated calib:self seqs:4 calib_time:(\d+)ms reserve:2000ms train\+calib:(\d+)ms$", log,
+    m = re.search(r"^gptq:calibrated calib:train seqs:4 calib_time:(\d+)ms reserve:5000ms train\+calib:(\d+)ms$", log,
                   re.M)
     assert m, log[-3000:]
     assert int(m.group(2)) == round(1000 * (s["train_seconds"] + s["calib_seconds"]))

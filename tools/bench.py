@@ -706,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--competition)")
     qu.add_argument("--competition", action="store_true",
                     help="time calibration + GPTQ of the competition-shaped model here; estimate 8xH100")
+    qu.add_argument("--jitter", type=int, default=0,
+                    help="also average each row's penalties over this many steps 1.5%% apart (default 0: off)")
+    qu.add_argument("--export", action="store_true", help="with --competition: also time the whole fitted export")
     qu.add_argument("--json", default="", help="also write the numbers here")
     return ap
 
@@ -736,8 +739,8 @@ def main(argv=None) -> int:
             return bench_compile(args)
         if args.cmd == "quant":
             import bench_quant
-            if args.iterations < 1 or args.seqs < 0:
-                raise BenchError("--iterations must be >= 1 and --seqs >= 0")
+            if args.iterations < 1 or args.seqs < 0 or args.jitter < 0:
+                raise BenchError("--iterations must be >= 1, --seqs and --jitter >= 0")
             try:
                 return bench_quant.bench_quant(args)
             except bench_quant.QuantBenchError as e:

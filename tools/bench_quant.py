@@ -17,20 +17,27 @@ at equal bytes. Calibration: `train_gpt.calibrate` with the config's GPTQ_CALIB/
 penalty = roundtrip bpb - post_ema bpb, both by `train_gpt.evaluate_plain` on the whole val set.
 
 Floor (the GPTQ issue): at every factor >= 1.5, GPTQ's penalty <= half of RTN's, at equal bytes (within 1%).
+A penalty of ~1e-4 bpb at one step is mostly the luck of that rounding (the first-order term of the val loss
+in the weight error): --jitter K adds, for every row, the mean penalty over K steps 1.5% apart around it (GPTQ at
+the same step ratio its fit found), a less noisy reading of the same comparison.
 
 --competition: the competition preset's model (every matrix i.i.d. normal at its init scale, as `bench size
---init gaussian`) on this CPU: times calibration (--seqs sequences, default 8: one rank's share of 64 on 8 GPUs),
-GPTQ's factorization, one GPTQ pass and the whole fitted export; counts FLOPs and sequential kernel launches of
-each phase, and estimates the 8xH100 time as FLOPs / sustained rate + launches x launch cost (the assumptions are
-printed with the numbers).
+--init gaussian`) on this CPU, --seqs sequences (default 8: one rank's share of 64 on 8 GPUs): times the Hessian
+pass (`calibrate` with GPTQ_CALIB=train), the self-sampling step at the first and last cache positions (the
+whole sampling would take hours here), GPTQ's factorization and one GPTQ pass (and with --export the whole fitted
+export); counts FLOPs, RoPE memory traffic and torch calls (~ kernel launches) of each phase, and estimates the
+8xH100 time as FLOPs / sustained rate + bytes / bandwidth + calls x launch cost (the assumptions are printed with
+the numbers).
 Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FLOOR_RATIO, FLOOR_BYTES, FLOOR_MIN_STEP = 0.5, 0.01, 1.5
+JITTER = 0.015  # --jitter: relative spacing of the steps around each reported one
 # 8xH100 estimate: sustained rates (about half of the H100 SXM datasheet's dense peaks: TF32 tensor 495, FP64
 # tensor 67 TFLOP/s) and the cost of one small kernel launched from Python (eager PyTorch, no CUDA graphs)
 H100_TF32, H100_FP64, H100_BW, LAUNCH_S = 250e12, 30e12, 2.0e12, 10e-6
@@ -106,16 +114,25 @@ def roundtrip_bpb(tg, blob: bytes, cfg, rt, val) -> float:
     return tg.evaluate_plain(model.to(rt.device), val, cfg, rt)[1]
 
 
-def rtn_blob(tg, model, cfg, step: float, method: str) -> bytes:
-    """The RTN artifact with every int6 row scale `step` times coarser (the fit rule's move), one compressor."""
-    import torch
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    arrays, meta = tg.quantize_state(sd, cfg)
-    mats = {k: (w, torch.from_numpy(arrays[k + ".scale"])) for k, w in tg.unbank(sd, cfg.num_layers).items()
-            if meta[k]["kind"] == "int6"}
-    for k, (q, s) in tg.int6_codes(mats, step).items():
-        arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s.numpy()
-    return tg.pack_artifact(arrays, meta, {k: getattr(cfg, k) for k in tg.ARCH_FIELDS}, only=method)[0]
+class Blobs:
+    """Artifacts of one model at a forced int6 step (the fit rule's move: every int6 row scale times `step`),
+    rounded to nearest or by GPTQ (gptq_kinds of the Hessians), packed with one compressor."""
+
+    def __init__(self, tg, model, cfg, hessians):
+        import torch
+        self.tg, self.cfg = tg, cfg
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.arrays, self.meta = tg.quantize_state(sd, cfg)
+        self.mats = {k: (w, torch.from_numpy(self.arrays[k + ".scale"].copy()))
+                     for k, w in tg.unbank(sd, cfg.num_layers).items() if self.meta[k]["kind"] == "int6"}
+        self.gptq = tg.gptq_kinds(self.mats, hessians)
+
+    def at(self, step: float, method: str, gptq: bool) -> bytes:
+        arrays = dict(self.arrays)
+        for k, (q, s) in self.tg.int6_codes(self.mats, step, self.gptq if gptq else ()).items():
+            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s.numpy()
+        arch = {k: getattr(self.cfg, k) for k in self.tg.ARCH_FIELDS}
+        return self.tg.pack_artifact(arrays, self.meta, arch, only=method)[0]
 
 
 def bench_quant(args) -> int:
@@ -145,9 +162,10 @@ def bench_quant(args) -> int:
           f"GPTQ_CALIB={cfg.gptq_calib} x{cfg.gptq_calib_seqs} seqs of {cfg.train_seq_len} in {calib_s:.1f}s; RTN export "
           f"{rtn_s:.1f}s ({method}); torch threads {torch.get_num_threads()}, loadavg {os.getloadavg()[0]:.1f}",
           flush=True)
+    blobs = Blobs(tg, model, cfg, hessians)
     rows = []
     for f in [run_step] + [x for x in args.steps if x != run_step]:
-        r_blob = blob if f == run_step else rtn_blob(tg, model, cfg, f, method)
+        r_blob = blob if f == run_step else blobs.at(f, method, gptq=False)
         r_bpb = roundtrip_bpb(tg, r_blob, cfg, rt, val)
         t = time.perf_counter()
         g_blob, g_method, _, g_step = tg.export_model(model, cfg, len(r_blob), hessians)
@@ -161,6 +179,15 @@ def bench_quant(args) -> int:
         row["floor"] = f >= FLOOR_MIN_STEP
         row["pass"] = (row["gptq_penalty"] <= FLOOR_RATIO * row["rtn_penalty"] and
                        abs(row["bytes_ratio"] - 1) <= FLOOR_BYTES)
+        if args.jitter:  # the same comparison at steps around f: GPTQ at the same ratio of steps (~ equal bytes)
+            rj, gj = [], []
+            for i in range(args.jitter):
+                x = f * (1 + JITTER * (i - (args.jitter - 1) / 2))
+                rj.append(roundtrip_bpb(tg, blobs.at(x, method, False), cfg, rt, val) - post)
+                gj.append(roundtrip_bpb(tg, blobs.at(x * g_step / f, g_method, True), cfg, rt, val) - post)
+            row.update(jitter_steps=args.jitter, rtn_penalties=rj, gptq_penalties=gj,
+                       rtn_penalty_mean=statistics.mean(rj), gptq_penalty_mean=statistics.mean(gj))
+            row["mean_ratio"] = row["gptq_penalty_mean"] / row["rtn_penalty_mean"]
         rows.append(row)
         print(f"  x{f:.4g}: RTN {row['rtn_bytes']} bytes penalty {row['rtn_penalty']:+.5f}; GPTQ x{g_step:.4f} "
               f"{row['gptq_bytes']} bytes penalty {row['gptq_penalty']:+.5f} ({g_s:.0f}s)", file=sys.stderr,
@@ -174,6 +201,15 @@ def bench_quant(args) -> int:
         print(f"| {name} | {r['rtn_bytes']:,} | {r['rtn_bpb']:.6f} | {r['rtn_penalty']:+.6f} | x{r['gptq_step']:.4f} | "
               f"{r['gptq_bytes']:,} | {r['bytes_ratio']:.4f} | {r['gptq_bpb']:.6f} | {r['gptq_penalty']:+.6f} | "
               f"{r['penalty_ratio']:.3f} | {verdict} |")
+    if args.jitter:
+        print(f"\nAround each step ({args.jitter} steps {100 * JITTER:g}% apart; GPTQ at the same step ratio as its "
+              "fit above): mean penalty, and each one")
+        print("| step | RTN mean penalty | GPTQ mean penalty | ratio of means | RTN penalties | GPTQ penalties |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| x{r['step']:.4g} | {r['rtn_penalty_mean']:+.6f} | {r['gptq_penalty_mean']:+.6f} | "
+                  f"{r['mean_ratio']:.3f} | {' '.join(f'{v:+.5f}' for v in r['rtn_penalties'])} | "
+                  f"{' '.join(f'{v:+.5f}' for v in r['gptq_penalties'])} |")
     floors = [r for r in rows if r["floor"]]
     ok = all(r["pass"] for r in floors)
     print(f"floor: GPTQ penalty <= {FLOOR_RATIO:g} x RTN's at every step >= x{FLOOR_MIN_STEP:g}, bytes within "
@@ -211,7 +247,9 @@ def bench_competition(args) -> int:
     import torch
     import train_gpt as tg
     env = dict(os.environ, PRESET="competition", DEVICE="cpu", COMPILE="0")
-    cfg = _cfg(tg, env, dataclasses.replace(args, seqs=args.seqs or 8))
+    cfg = _cfg(tg, env, argparse.Namespace(**{**vars(args), "seqs": args.seqs or 8}))
+    if not tg.shard_files(cfg.data_path, "train"):  # the Hessian pass reads train tokens: any dataset will do
+        cfg = dataclasses.replace(cfg, data_path=tg.Config.from_env({"PRESET": "cpu"}).data_path)
     rt = tg.setup_runtime(cfg, {})
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg)
@@ -219,69 +257,79 @@ def bench_competition(args) -> int:
         for prm in model.parameters():
             if prm.dim() >= 2:
                 prm.normal_(0.0, float(prm.std()) or prm.shape[-1] ** -0.5)
+    model.eval()
     L, D, T, S = cfg.num_layers, cfg.model_dim, cfg.train_seq_len, cfg.gptq_calib_seqs
-    mm = sum(b.numel() for b in model.banks())
-    kinds = {"attn.c_q": (D, D), "attn.c_k": (cfg.num_kv_heads * cfg.head_dim, D),
-             "attn.c_v": (cfg.num_kv_heads * cfg.head_dim, D), "attn.proj": (D, D), "mlp.fc": (cfg.mlp_dim, D),
-             "mlp.proj": (D, cfg.mlp_dim)}
-    out = {}
-    # calibration, as a run does on one rank holding S sequences
+    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    mm = sum(b.numel() for b in model.banks()) + cfg.vocab_size * D
+    kinds = {"attn.c_q": (D, D), "attn.c_k": (Hkv * hd, D), "attn.c_v": (Hkv * hd, D), "attn.proj": (D, D),
+             "mlp.fc": (cfg.mlp_dim, D), "mlp.proj": (D, cfg.mlp_dim)}
+    out = dict(params=tg.count_params(model), seqs=S, seq_len=T)
+    # 1. the Hessian pass (GPTQ_CALIB=train: exactly this; self: this after the sampling), one rank's S sequences
     t = time.perf_counter()
-    hessians = tg.calibrate(model, cfg, rt)
-    out["calib_seconds"] = time.perf_counter() - t
+    hessians = tg.calibrate(model, dataclasses.replace(cfg, gptq_calib="train"), rt)
+    out["hessian_pass_seconds"] = time.perf_counter() - t
     tokens = S * T
-    fwd = 2 * tokens * (mm + cfg.vocab_size * D) + 4 * L * S * T * T * D // 2
-    hess = 2 * tokens * L * (3 * D * D + cfg.mlp_dim ** 2)  # attn input, attn output, MLP input (D^2), MLP hidden
-    out["calib_flops_hessian_pass"] = fwd + hess
-    if cfg.gptq_calib == "self":  # the sampling steps: count one step's calls at the start and at the end
-        ids = torch.zeros(S, 1, dtype=torch.long)
-        cache = {"rope_len": T}
-        with torch.no_grad():
-            with CountCalls() as c:
-                model.compute_logits(model.forward_hidden(ids, cache)[:, -1])
-            out["sample_launches_per_step"] = c.n + 3
-        out["sample_flops"] = fwd + 4 * L * S * T * D  # the cached steps redo RoPE over the whole table
-        out["sample_rope_bytes"] = 4 * 2 * L * (T - 1) * S * T * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim * 6
-    # GPTQ: factors once, then passes (one at step 1, plus 21 per fit try)
-    mats = {k: w for k, w in tg.unbank({n: getattr(model, n).detach() for n in tg.BANK_NAMES}, L).items()}
+    out["hessian_pass_flops"] = (2 * tokens * mm + 2 * L * S * T * T * D  # forward (causal attention: half of 4 T^2 D)
+                                 + 2 * tokens * L * (3 * D * D + cfg.mlp_dim ** 2))  # X^T X: 4 inputs per layer
+    # 2. self-sampling (GPTQ_CALIB=self): calibrate's step, timed at the first and the last cache positions
+    per_step = []
+    with torch.no_grad():
+        for prefix in (1, T - 9):
+            cache = {"rope_len": T}
+            model.forward_hidden(torch.zeros(S, prefix, dtype=torch.long), cache)
+            t = time.perf_counter()
+            for _ in range(8):
+                with CountCalls() as c:
+                    model.compute_logits(model.forward_hidden(torch.zeros(S, 1, dtype=torch.long), cache)[:, -1])
+            per_step.append((time.perf_counter() - t) / 8)
+    out["sample_step_seconds"] = per_step
+    out["sample_seconds_cpu_estimate"] = (T - 1) * sum(per_step) / 2  # the step cost is ~linear in the position
+    out["sample_calls_per_step"] = c.n + 4  # + the Gumbel noise, its transfer, argmax and cat
+    out["sample_flops"] = 2 * tokens * mm + 2 * L * S * T * T * D
+    # each cached step applies RoPE to q and k padded to the whole table (F.pad + ~5 elementwise passes), fp32
+    out["sample_rope_bytes"] = 4 * 2 * 6 * L * (T - 1) * S * T * (H + Hkv) * hd
+    # 3. GPTQ: the factors once, then one pass per step (1 at step 1, 21 per fit try)
+    mats = tg.unbank({n: getattr(model, n).detach() for n in tg.BANK_NAMES}, L)
     t = time.perf_counter()
     gptq = tg.gptq_kinds(mats, hessians)
     out["factor_seconds"] = time.perf_counter() - t
-    sc = {k: tg.quantize_rows(w, 31, tg.INT6_PERCENTILES)[1] for k, w in mats.items()}
-    pairs = {k: (w, sc[k]) for k, w in mats.items()}
+    pairs = {k: (w, tg.quantize_rows(w, 31, tg.INT6_PERCENTILES)[1]) for k, w in mats.items()}
     t = time.perf_counter()
     with CountCalls() as c:
         tg.int6_codes(pairs, 1.0, gptq)
-    out["pass_seconds"], out["pass_launches"] = time.perf_counter() - t, c.n
-    out["factor_flops"] = sum(L * 5 * c ** 3 // 3 for _, c in kinds.values())  # chol, inverse, chol
-    out["pass_flops"] = sum(L * 2 * r * c * c for r, c in kinds.values())  # the block updates, W C x C
-    code = len((ROOT / "train_gpt.py").read_bytes())
-    t = time.perf_counter()
-    blob, method, sizes, step = tg.export_model(model, cfg, tg.model_budget(cfg, code), hessians)
-    out["export_seconds"] = time.perf_counter() - t
-    out.update(export_bytes=len(blob), export_step=step, export_method=method, step1_bytes=sizes[method])
-    # the 8xH100 estimate: every rank calibrates S of the 64 sequences at once; rank 0 then quantizes
-    est = {"hessian_pass": out["calib_flops_hessian_pass"] / H100_TF32}
-    if cfg.gptq_calib == "self":
-        est["sampling"] = (out["sample_flops"] / H100_TF32 + out["sample_rope_bytes"] / H100_BW +
-                           (T - 1) * out["sample_launches_per_step"] * LAUNCH_S)
-    est["factors"] = out["factor_flops"] / H100_FP64
-    est["one_pass"] = out["pass_flops"] / H100_TF32 + out["pass_launches"] * LAUNCH_S
-    est["calibration"] = est["hessian_pass"] + est.get("sampling", 0.0)
-    est["quantization_1_try"] = est["factors"] + 22 * est["one_pass"]
+    out["pass_seconds"], out["pass_calls"] = time.perf_counter() - t, c.n
+    out["factor_flops"] = sum(L * 5 * c ** 3 // 3 for _, c in kinds.values())  # cholesky, inverse, cholesky (fp64)
+    out["pass_flops"] = sum(L * r * c * c for r, c in kinds.values())  # the block updates: R x C x C/2 mul-adds
+    if args.export:
+        code = len((ROOT / "train_gpt.py").read_bytes())
+        t = time.perf_counter()
+        blob, method, sizes, step = tg.export_model(model.cpu(), cfg, tg.model_budget(cfg, code), hessians)
+        out.update(export_seconds=time.perf_counter() - t, export_bytes=len(blob), export_step=step,
+                   export_method=method, export_step1_bytes=sizes[method])
+    # 8xH100: every rank calibrates its 8 of the 64 sequences at once; rank 0 then quantizes
+    est = {"hessian_pass": out["hessian_pass_flops"] / H100_TF32}
+    est["sampling"] = (out["sample_flops"] / H100_TF32 + out["sample_rope_bytes"] / H100_BW
+                       + (T - 1) * out["sample_calls_per_step"] * LAUNCH_S)
+    est["calibration_train"] = est["hessian_pass"]
+    est["calibration_self"] = est["hessian_pass"] + est["sampling"]
+    est["gptq_factors"] = out["factor_flops"] / H100_FP64
+    est["gptq_pass"] = out["pass_flops"] / H100_TF32 + out["pass_calls"] * LAUNCH_S
+    est["gptq_no_fit"] = est["gptq_factors"] + est["gptq_pass"]
+    est["gptq_fit_1_try"] = est["gptq_factors"] + 23 * est["gptq_pass"]  # step 1, base, 20 bisection, the result
     out["h100_estimate_seconds"] = est
-    print(f"# bench quant --competition: {tg.count_params(model):,} params, GPTQ_CALIB={cfg.gptq_calib}, {S} seqs "
-          f"x {T} tokens (one rank's share), this CPU: torch threads {torch.get_num_threads()}, loadavg "
+    print(f"# bench quant --competition: {out['params']:,} params (i.i.d. normal matrices), {S} seqs x {T} tokens "
+          f"(one rank's share of 64 on 8 GPUs); this CPU: torch threads {torch.get_num_threads()}, loadavg "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"CPU: calibration {out['calib_seconds']:.1f}s; GPTQ factors {out['factor_seconds']:.1f}s, one pass "
-          f"{out['pass_seconds']:.1f}s ({out['pass_launches']:,} torch calls); fitted export {out['export_seconds']:.0f}s "
-          f"({out['export_bytes']:,} bytes, step x{step:.4f}, {method}; step 1: {out['step1_bytes']:,})")
-    print(f"FLOPs: Hessian pass {out['calib_flops_hessian_pass']:.3g}"
-          + (f", sampling {out['sample_flops']:.3g} (+ {out['sample_rope_bytes']:.3g} bytes of RoPE traffic, "
-             f"{out['sample_launches_per_step']} calls/step)" if "sample_flops" in out else "")
-          + f", GPTQ factors {out['factor_flops']:.3g} (fp64), GPTQ pass {out['pass_flops']:.3g}")
-    print(f"8xH100 estimate (TF32 {H100_TF32 / 1e12:.0f}, FP64 {H100_FP64 / 1e12:.0f} TFLOP/s sustained, "
-          f"{H100_BW / 1e12:.1f} TB/s, {1e6 * LAUNCH_S:.0f} us per launch): "
+    print(f"CPU measured: Hessian pass {out['hessian_pass_seconds']:.1f}s; sampling step {per_step[0]:.3f}s at the "
+          f"start, {per_step[1]:.3f}s at the end (x{T - 1} steps: ~{out['sample_seconds_cpu_estimate']:.0f}s); GPTQ "
+          f"factors {out['factor_seconds']:.1f}s, one pass {out['pass_seconds']:.1f}s ({out['pass_calls']:,} torch calls)"
+          + (f"; fitted export {out['export_seconds']:.0f}s ({out['export_bytes']:,} bytes at x{out['export_step']:.4f}"
+             f", {out['export_method']}; step 1: {out['export_step1_bytes']:,})" if args.export else ""))
+    print(f"FLOPs: Hessian pass {out['hessian_pass_flops']:.3g}; sampling {out['sample_flops']:.3g} + "
+          f"{out['sample_rope_bytes']:.3g} bytes of RoPE traffic, {out['sample_calls_per_step']} calls/step; GPTQ "
+          f"factors {out['factor_flops']:.3g} (fp64), one GPTQ pass {out['pass_flops']:.3g}")
+    print(f"8xH100 estimate (FLOPs / sustained TF32 {H100_TF32 / 1e12:.0f} or FP64 {H100_FP64 / 1e12:.0f} TFLOP/s, "
+          f"bytes / {H100_BW / 1e12:.1f} TB/s, + calls x {1e6 * LAUNCH_S:.0f} us for the sequential loops): "
           + ", ".join(f"{k} {v:.2f}s" for k, v in est.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
