@@ -25,7 +25,7 @@ the same step ratio its fit found), a less noisy reading of the same comparison.
 --init gaussian`) on this CPU, --seqs sequences (default 8: one rank's share of 64 on 8 GPUs): times the Hessian
 pass (`calibrate` with GPTQ_CALIB=train), the self-sampling step at the first and last cache positions (the
 whole sampling would take hours here), GPTQ's factorization and one GPTQ pass (and with --export the whole fitted
-export); counts FLOPs, RoPE memory traffic and torch calls (~ kernel launches) of each phase, and estimates the
+export); counts FLOPs, KV-cache reads and torch calls (~ kernel launches) of each phase, and estimates the
 8xH100 time as FLOPs / sustained rate + bytes / bandwidth + calls x launch cost (the assumptions are printed with
 the numbers).
 Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
@@ -271,6 +271,9 @@ def bench_competition(args) -> int:
     tokens = S * T
     out["hessian_pass_flops"] = (2 * tokens * mm + 2 * L * S * T * T * D  # forward (causal attention: half of 4 T^2 D)
                                  + 2 * tokens * L * (3 * D * D + cfg.mlp_dim ** 2))  # X^T X: 4 inputs per layer
+    with torch.no_grad(), CountCalls() as c:
+        model.forward_hidden(torch.zeros(1, 8, dtype=torch.long))
+    out["hessian_pass_calls"] = c.n + 6 * L * 3  # + the recorder's cast, product and sum per matrix
     # 2. self-sampling (GPTQ_CALIB=self): calibrate's step, timed at the first and the last cache positions
     per_step = []
     with torch.no_grad():
@@ -286,8 +289,8 @@ def bench_competition(args) -> int:
     out["sample_seconds_cpu_estimate"] = (T - 1) * sum(per_step) / 2  # the step cost is ~linear in the position
     out["sample_calls_per_step"] = c.n + 4  # + the Gumbel noise, its transfer, argmax and cat
     out["sample_flops"] = 2 * tokens * mm + 2 * L * S * T * T * D
-    # each cached step applies RoPE to q and k padded to the whole table (F.pad + ~5 elementwise passes), fp32
-    out["sample_rope_bytes"] = 4 * 2 * 6 * L * (T - 1) * S * T * (H + Hkv) * hd
+    # each cached step reads its layers' keys and values so far (bf16 under AMP): (T-1)/2 positions on average
+    out["sample_cache_bytes"] = 2 * 2 * L * (T - 1) * S * (T // 2) * Hkv * hd
     # 3. GPTQ: the factors once, then one pass per step (1 at step 1, 21 per fit try)
     mats = tg.unbank({n: getattr(model, n).detach() for n in tg.BANK_NAMES}, L)
     t = time.perf_counter()
@@ -307,8 +310,8 @@ def bench_competition(args) -> int:
         out.update(export_seconds=time.perf_counter() - t, export_bytes=len(blob), export_step=step,
                    export_method=method, export_step1_bytes=sizes[method])
     # 8xH100: every rank calibrates its 8 of the 64 sequences at once; rank 0 then quantizes
-    est = {"hessian_pass": out["hessian_pass_flops"] / H100_TF32}
-    est["sampling"] = (out["sample_flops"] / H100_TF32 + out["sample_rope_bytes"] / H100_BW
+    est = {"hessian_pass": out["hessian_pass_flops"] / H100_TF32 + out["hessian_pass_calls"] * LAUNCH_S}
+    est["sampling"] = (out["sample_flops"] / H100_TF32 + out["sample_cache_bytes"] / H100_BW
                        + (T - 1) * out["sample_calls_per_step"] * LAUNCH_S)
     est["calibration_train"] = est["hessian_pass"]
     est["calibration_self"] = est["hessian_pass"] + est["sampling"]
@@ -326,7 +329,7 @@ def bench_competition(args) -> int:
           + (f"; fitted export {out['export_seconds']:.0f}s ({out['export_bytes']:,} bytes at x{out['export_step']:.4f}"
              f", {out['export_method']}; step 1: {out['export_step1_bytes']:,})" if args.export else ""))
     print(f"FLOPs: Hessian pass {out['hessian_pass_flops']:.3g}; sampling {out['sample_flops']:.3g} + "
-          f"{out['sample_rope_bytes']:.3g} bytes of RoPE traffic, {out['sample_calls_per_step']} calls/step; GPTQ "
+          f"{out['sample_cache_bytes']:.3g} bytes of KV cache reads, {out['sample_calls_per_step']} calls/step; GPTQ "
           f"factors {out['factor_flops']:.3g} (fp64), one GPTQ pass {out['pass_flops']:.3g}")
     print(f"8xH100 estimate (FLOPs / sustained TF32 {H100_TF32 / 1e12:.0f} or FP64 {H100_FP64 / 1e12:.0f} TFLOP/s, "
           f"bytes / {H100_BW / 1e12:.1f} TB/s, + calls x {1e6 * LAUNCH_S:.0f} us for the sequential loops): "
