@@ -56,106 +56,105 @@ PRESETS = ("competition", "cpu")
 @dataclass(frozen=True)
 class Config:
     # run and paths
-    preset: str = "competition"  # PRESET: competition (CUDA default) | cpu (CPU default); explicit vars override
-    data_path: str = "./data/datasets/fineweb10B_sp1024"  # DATA_PATH: folder of fineweb_{train,val}_*.bin
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # TOKENIZER_PATH
-    run_id: str = ""  # RUN_ID: log/artifact name under OUT_DIR (empty: a fresh uuid4)
-    out_dir: str = "logs"  # OUT_DIR: where <RUN_ID>.txt/.json/.ptz go
-    seed: int = 1337  # SEED
-    device: str = ""  # DEVICE: cuda | cpu (empty: cuda when available)
-    compile: bool = True  # COMPILE: torch.compile the model (training step and eval trunk; competition on, cpu off)
-    compile_head: bool = True  # COMPILE_HEAD: torch.compile the softcapped CE and SLOT's fit/score even when COMPILE=0
-    amp: bool = True  # AMP: bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
-    eval_only: bool = False  # EVAL_ONLY: skip training, evaluate LOAD_ARTIFACT
-    load_artifact: str = ""  # LOAD_ARTIFACT: path of a saved .ptz artifact (EVAL_ONLY=1)
-    val_max_tokens: int = 0  # VAL_MAX_TOKENS: cap on val targets (0: all; for quick experiments only)
-    eval_time_limit_seconds: float = 600.0  # EVAL_TIME_LIMIT_SECONDS: warn before eval if the estimate exceeds it
+    preset: str = "competition"  # competition (CUDA default) | cpu (CPU default); explicit vars override
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # log/artifact name under OUT_DIR (empty: a fresh uuid4)
+    out_dir: str = "logs"  # where <RUN_ID>.txt/.json/.ptz go
+    seed: int = 1337
+    device: str = ""  # cuda | cpu (empty: cuda when available)
+    compile: bool = True  # torch.compile the model (training step and eval trunk; competition on, cpu off)
+    compile_head: bool = True  # torch.compile the softcapped CE and SLOT's fit/score even when COMPILE=0
+    amp: bool = True  # bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
+    eval_only: bool = False  # skip training, evaluate LOAD_ARTIFACT
+    load_artifact: str = ""  # path of a saved .ptz artifact (EVAL_ONLY=1)
+    val_max_tokens: int = 0  # cap on val targets (0: all; for quick experiments only)
+    eval_time_limit_seconds: float = 600.0  # warn before eval if the estimate exceeds it
     # eval and logging
-    val_batch_size: int = 524288  # VAL_BATCH_SIZE: tokens per plain-eval batch (global)
-    val_loss_every: int = 4000  # VAL_LOSS_EVERY: plain val eval every N steps (0: only at the end)
-    train_log_every: int = 500  # TRAIN_LOG_EVERY
-    eval_seq_len: int = 2048  # EVAL_SEQ_LEN: sliding window length
-    eval_stride: int = 64  # EVAL_STRIDE: scored tokens per window (window 0 scores all)
-    eval_batch_seqs: int = 32  # EVAL_BATCH_SEQS: windows per scoring batch
+    val_batch_size: int = 524288  # tokens per plain-eval batch (global)
+    val_loss_every: int = 4000  # plain val eval every N steps (0: only at the end)
+    train_log_every: int = 500
+    eval_seq_len: int = 2048  # sliding window length
+    eval_stride: int = 64  # scored tokens per window (window 0 scores all)
+    eval_batch_seqs: int = 32  # windows per scoring batch
     # length and time
-    iterations: int = 9000  # ITERATIONS: hard cap on steps
-    warmdown_iters: int = 3500  # WARMDOWN_ITERS: warmdown length in (estimated) steps, applied on wall clock
-    warmup_steps: int = 20  # WARMUP_STEPS: priming steps that are run, then undone
-    train_batch_tokens: int = 786432  # TRAIN_BATCH_TOKENS: global batch, independent of world size
-    train_seq_len: int = 2048  # TRAIN_SEQ_LEN
-    max_wallclock_seconds: float = 600.0  # MAX_WALLCLOCK_SECONDS: training budget (0: step-based warmdown)
+    iterations: int = 9000  # hard cap on steps
+    warmdown_iters: int = 3500  # warmdown length in (estimated) steps, applied on wall clock
+    warmup_steps: int = 20  # priming steps that are run, then undone
+    train_batch_tokens: int = 786432  # global batch, independent of world size
+    train_seq_len: int = 2048
+    max_wallclock_seconds: float = 600.0  # training budget (0: step-based warmdown)
     # shape
-    vocab_size: int = 1024  # VOCAB_SIZE
-    num_layers: int = 11  # NUM_LAYERS
-    model_dim: int = 512  # MODEL_DIM
-    num_heads: int = 8  # NUM_HEADS
-    num_kv_heads: int = 4  # NUM_KV_HEADS
-    mlp_mult: float = 3.0  # MLP_MULT
-    tie_embeddings: bool = True  # TIE_EMBEDDINGS
-    rope_base: float = 10000.0  # ROPE_BASE
-    logit_softcap: float = 30.0  # LOGIT_SOFTCAP
-    qk_gain_init: float = 1.5  # QK_GAIN_INIT
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
     # features
-    bigram_vocab_size: int = 1536  # BIGRAM_VOCAB_SIZE: hash buckets (0: no BigramHash)
-    bigram_dim: int = 128  # BIGRAM_DIM
-    xsa_last_n: int = 4  # XSA_LAST_N: exclusive self-attention on the last N layers
-    rope_dims: int = 16  # ROPE_DIMS: rotated dims per head (partial RoPE)
-    ln_scale: bool = True  # LN_SCALE: scale block inputs by 1/sqrt(layer+1)
-    ve_enabled: bool = True  # VE_ENABLED: shared value embeddings
-    ve_dim: int = 128  # VE_DIM
-    ve_layers: tuple = (9, 10)  # VE_LAYERS: comma-separated layer indices
+    bigram_vocab_size: int = 1536  # hash buckets (0: no BigramHash)
+    bigram_dim: int = 128
+    xsa_last_n: int = 4  # exclusive self-attention on the last N layers
+    rope_dims: int = 16  # rotated dims per head (partial RoPE)
+    ln_scale: bool = True  # scale block inputs by 1/sqrt(layer+1)
+    ve_enabled: bool = True  # shared value embeddings
+    ve_dim: int = 128
+    ve_layers: tuple = (9, 10)  # comma-separated layer indices
     # optimizer
-    embed_lr: float = 0.6  # EMBED_LR: untied embedding lr
-    head_lr: float = 0.008  # HEAD_LR: untied head lr
-    tied_embed_lr: float = 0.035  # TIED_EMBED_LR
-    tied_embed_init_std: float = 0.005  # TIED_EMBED_INIT_STD
-    matrix_lr: float = 0.025  # MATRIX_LR: Muon lr for the banks
-    scalar_lr: float = 0.025  # SCALAR_LR
-    muon_momentum: float = 0.99  # MUON_MOMENTUM
-    muon_backend_steps: int = 5  # MUON_BACKEND_STEPS: Newton-Schulz iterations
-    muon_momentum_warmup_start: float = 0.92  # MUON_MOMENTUM_WARMUP_START
-    muon_momentum_warmup_steps: int = 1500  # MUON_MOMENTUM_WARMUP_STEPS
-    muon_wd: float = 0.04  # MUON_WD
-    beta1: float = 0.9  # BETA1
-    beta2: float = 0.95  # BETA2
-    adam_eps: float = 1e-8  # ADAM_EPS
-    adam_wd: float = 0.04  # ADAM_WD
-    grad_clip_norm: float = 0.3  # GRAD_CLIP_NORM: on the world-averaged gradient (0: off)
+    embed_lr: float = 0.6  # untied embedding lr
+    head_lr: float = 0.008  # untied head lr
+    tied_embed_lr: float = 0.035
+    tied_embed_init_std: float = 0.005
+    matrix_lr: float = 0.025  # Muon lr for the banks
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.04
+    grad_clip_norm: float = 0.3  # on the world-averaged gradient (0: off)
     # averaging and QAT
-    ema_enabled: bool = True  # EMA_ENABLED
-    ema_decay: float = 0.997  # EMA_DECAY
-    late_qat: bool = True  # LATE_QAT: fake-quantize the exported banks once lr_mul < LATE_QAT_THRESHOLD
-    late_qat_threshold: float = 0.15  # LATE_QAT_THRESHOLD
-    qat_enabled: bool = False  # QAT_ENABLED: fake-quantize from step 0
+    ema_enabled: bool = True
+    ema_decay: float = 0.997
+    late_qat: bool = True  # fake-quantize the exported banks once lr_mul < LATE_QAT_THRESHOLD
+    late_qat_threshold: float = 0.15
+    qat_enabled: bool = False  # fake-quantize from step 0
     # score-first TTT
-    ttt_enabled: bool = True  # TTT_ENABLED
-    ttt_lr: float = 0.002  # TTT_LR: SGD lr, cosine over chunk index
-    ttt_epochs: int = 3  # TTT_EPOCHS
-    ttt_chunk_tokens: int = 32768  # TTT_CHUNK_TOKENS: multiple of EVAL_STRIDE
-    ttt_freeze_blocks: int = 0  # TTT_FREEZE_BLOCKS: first N blocks frozen, bank slices included
-    ttt_momentum: float = 0.9  # TTT_MOMENTUM
-    ttt_batch_seqs: int = 32  # TTT_BATCH_SEQS
-    ttt_grad_clip: float = 1.0  # TTT_GRAD_CLIP
+    ttt_enabled: bool = True
+    ttt_lr: float = 0.002  # SGD lr, cosine over chunk index
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32768  # multiple of EVAL_STRIDE
+    ttt_freeze_blocks: int = 0  # first N blocks frozen, bank slices included
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
     # SLOT
-    slot_enabled: bool = True  # SLOT_ENABLED: fit a hidden-state delta inside every scoring pass
-    slot_mode: str = "batch"  # SLOT_MODE: batch (seed, NOT causal) | causal (per-window, context-only)
-    slot_lr: float = 0.001  # SLOT_LR
-    slot_steps: int = 3  # SLOT_STEPS
-    slot_wd: float = 1e-8  # SLOT_WD: AdamW weight decay
-    slot_eps: float = 1e-5  # SLOT_EPS: AdamW eps
-    slot_beta1: float = 0.9  # SLOT_BETA1
-    slot_beta2: float = 0.999  # SLOT_BETA2
-    slot_context: int = 0  # SLOT_CONTEXT: causal mode fits on the last N scored context targets (0: all)
+    slot_enabled: bool = True  # fit a hidden-state delta inside every scoring pass
+    slot_mode: str = "batch"  # batch (seed, NOT causal) | causal (per-window, context-only)
+    slot_lr: float = 0.001
+    slot_steps: int = 3
+    slot_wd: float = 1e-8  # AdamW weight decay
+    slot_eps: float = 1e-5  # AdamW eps
+    slot_beta1: float = 0.9
+    slot_beta2: float = 0.999
+    slot_context: int = 0  # causal mode fits on the last N scored context targets (0: all)
     # CTW mixing at evaluation
-    ctw_weight: float = 0.0  # CTW_WEIGHT: mixture weight of the context-tree model (0: off, bit-identical)
-    ctw_depth: int = 4  # CTW_DEPTH: context-tree depth (previous tokens)
-    ctw_alpha: float = 0.0  # CTW_ALPHA: estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
-    control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
-    artifact_target_bytes: int = 16_000_000  # ARTIFACT_TARGET_BYTES: code + model over this: coarser int6 step until it fits (0: never)
-    gptq: bool = False  # GPTQ: int6 rounding by GPTQ, calibrated inside the training budget (0: to nearest)
-    gptq_calib: str = "train"  # GPTQ_CALIB: train (train tokens) | self (sequences the model samples)
-    gptq_calib_seqs: int = 64  # GPTQ_CALIB_SEQS: calibration sequences of TRAIN_SEQ_LEN tokens
-    gptq_reserve_seconds: float = 8.0  # GPTQ_RESERVE_SECONDS: training stops this much early to calibrate (GPTQ=1)
+    ctw_weight: float = 0.0  # mixture weight of the context-tree model (0: off, bit-identical)
+    ctw_depth: int = 4  # context-tree depth (previous tokens)
+    ctw_alpha: float = 0.0  # estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
+    control_tensor_name_patterns: str = ""  # comma list; matching small tensors export fp32, not fp16
+    artifact_target_bytes: int = 16_000_000  # code + model over this: coarser int6 step until it fits (0: never)
+    gptq: bool = False  # int6 rounding by GPTQ, calibrated inside the training budget (0: to nearest)
+    gptq_calib_seqs: int = 64  # calibration sequences of TRAIN_SEQ_LEN tokens
+    gptq_reserve_seconds: float = 8.0  # training stops this much early to calibrate (GPTQ=1)
 
     # -- derived --
     @property
@@ -208,7 +207,6 @@ class Config:
         need(self.ctw_alpha >= 0, "CTW_ALPHA", "must be >= 0 (0: 1/VOCAB_SIZE)")
         need(self.slot_eps > 0, "SLOT_EPS", "must be > 0")
         need(self.slot_mode in SLOT_MODES, "SLOT_MODE", f"one of {', '.join(SLOT_MODES)}")
-        need(self.gptq_calib in ("train", "self"), "GPTQ_CALIB", "one of train, self")
         need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              "GPTQ_RESERVE_SECONDS", f"< MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} with GPTQ=1")
         need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
@@ -265,6 +263,7 @@ RETIRED_VARS = {
     "VALUE_RESIDUAL": (("0",), "value residual was removed: off in #549"),
     "MTP_NUM_HEADS": (("0",), "MTP heads were removed: off in #549"),
     "MTP_LOSS_WEIGHT": (None, "MTP heads were removed"),
+    "GPTQ_CALIB": (("train",), "self-sampled calibration was removed: no better than train tokens, and slower"),
     "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "no large control tensor exists; CONTROL_TENSOR_NAME_PATTERNS rules"),
 }
 # Env vars of the environment that are not ours even though they share a prefix.
@@ -791,7 +790,7 @@ class Block(nn.Module):
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve, cache=None):
+    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve):
         """The same dtypes on every device, whatever autocast's per-device op lists say: q/k norm, RoPE and attention
         in the autocast dtype (bf16 under AMP, which flash-attn needs; CUDA autocast would run rms_norm in fp32:
         AT_FORALL_FP32 in ATen/autocast_mode.h of torch 2.13, CPU autocast would not), XSA in fp32 (CUDA autocast's
@@ -808,14 +807,7 @@ class Block(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             q, k = (rotary(rms_norm(t), *rope) for t in (q, k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if cache is None:
-            y = attend(q, k, v)
-        else:  # KV cache (generation): these T tokens sit at positions P..P+T-1 after the P cached ones
-            P = cache["k"].size(1) if "k" in cache else 0
-            kc = torch.cat((cache["k"], k), 1) if P else k
-            vc = torch.cat((cache["v"], v), 1) if P else v
-            cache["k"], cache["v"] = kc, vc
-            y = sdpa(q, kc, vc, torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P))
+        y = attend(q, k, v)
         if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
             yg = wide(y).view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
             vn = F.normalize(wide(v), dim=-1).unsqueeze(3)
@@ -871,39 +863,25 @@ class GPT(nn.Module):
     def banks(self):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
 
-    def forward_hidden(self, ids: Tensor, cache: dict | None = None) -> Tensor:
-        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks.
-
-        cache (generation only; None: unchanged): a dict, {} at first, that keeps every layer's keys/values and the
-        last token and embedding; `ids` are then the tokens after the cached ones, and only they are computed. The
-        result equals one uncached call on the whole sequence (to float rounding) while the sequence is at most
-        Rotary.NTK_LEN tokens long; cache["rope_len"] = n fixes the RoPE table at n positions, as a call of n uses."""
-        L, T = self.cfg.num_layers, ids.size(1)
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks."""
+        L = self.cfg.num_layers
         # self.training first: in eval mode dynamo never reads the QAT flag, so it never recompiles for it
         qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.training and self.qat else self.banks()
         x = self.tok_emb(ids)
         if self.bigram is not None:
-            x = x + (self.bigram(ids) if cache is None or "ids" not in cache else
-                     self.bigram(torch.cat((cache["ids"], ids), 1))[:, 1:])
+            x = x + self.bigram(ids)
         x = rms_norm(x)
         g = torch.sigmoid(self.smear).to(x.dtype)
-        if cache is None:
-            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
-        else:  # the token before ids[:, 0] is the last cached one
-            prev = torch.cat((cache["x"], x[:, :-1]), 1) if "x" in cache else F.pad(x[:, :-1], (0, 0, 1, 0))
-            cache["ids"], cache["x"] = ids[:, -1:], x[:, -1:]
-            x = (1 - g) * x + g * prev
-            layers = cache.setdefault("layers", [{} for _ in self.blocks])
-        P = layers[0]["k"].size(1) if cache is not None and "k" in layers[0] else 0
-        rope = [t[P:P + T] for t in self.rotary.tables(max(P + T, (cache or {}).get("rope_len", 0)), ids.device)]
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        rope = self.rotary.tables(ids.size(1), ids.device)
         x0, skips = x, []
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         for i, blk in enumerate(self.blocks):
             if i >= self.n_enc and skips:
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve_i = ve * self.ve_shared.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, rope, ve_i,
-                    None if cache is None else layers[i])
+            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, rope, ve_i)
             if i < self.n_enc:
                 skips.append(x)
         return rms_norm(x)
@@ -1417,24 +1395,13 @@ class HessianRecorder(TorchFunctionMode):
 
 @torch.no_grad()
 def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
-    """{name: X^T X of the matrix's inputs, summed over ranks} on the first train tokens or on samples from BOS at
-    temperature 0.8 (PR #1019), each from its own generator: the set does not depend on the world size."""
+    """{name: X^T X of the matrix's inputs, summed over ranks} on the first GPTQ_CALIB_SEQS sequences of the train
+    stream, split over ranks: the set does not depend on the world size."""
     model.eval()
     T, (lo, hi) = cfg.train_seq_len, shard_range(cfg.gptq_calib_seqs, rt.rank, rt.world_size)
-    if hi > lo and cfg.gptq_calib == "train":
+    if hi > lo:
         ids = torch.from_numpy(TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size).take(hi * T)[lo * T:]
                                .astype(np.int64)).view(hi - lo, T).to(rt.device)
-    elif hi > lo:
-        import sentencepiece as spm
-        gens = [torch.Generator().manual_seed(cfg.seed + j) for j in range(lo, hi)]
-        ids = torch.full((hi - lo, 1), spm.SentencePieceProcessor(model_file=cfg.tokenizer_path).bos_id(),
-                         device=rt.device)
-        cache = {"rope_len": T}
-        for _ in range(T - 1):
-            with amp_ctx(rt):
-                z = model.compute_logits(model.forward_hidden(ids[:, -1:], cache)[:, -1]) / 0.8
-            u = torch.stack([torch.rand(cfg.vocab_size, generator=g) for g in gens]).to(rt.device)
-            ids = torch.cat((ids, (z - (-u.log()).log()).argmax(-1, keepdim=True)), 1)
     rec = HessianRecorder(unbank({n: getattr(model, n).detach() for n in BANK_NAMES}, cfg.num_layers))
     if hi > lo:
         with rec:
@@ -2110,7 +2077,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
             hessians = calibrate(model, cfg, rt)
             sync(rt)
             summary["calib_seconds"] = secs = time.perf_counter() - t
-            log(f"gptq:calibrated calib:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} calib_time:{1000 * secs:.0f}ms "
+            log(f"gptq:calibrated seqs:{cfg.gptq_calib_seqs} calib_time:{1000 * secs:.0f}ms "
                 f"reserve:{1000 * reserve:.0f}ms train+calib:{1000 * (summary['train_seconds'] + secs):.0f}ms")
             if secs > reserve > 0:
                 log(f"WARNING: calibration overran GPTQ_RESERVE_SECONDS={reserve:g} (raise it or lower GPTQ_CALIB_SEQS)")

@@ -1,4 +1,4 @@
-"""torchrun worker of test_gptq.py: calibrate (GPTQ_CALIB) and export with GPTQ a fixed random tiny model, as a run
+"""torchrun worker of test_gptq.py: calibrate and export with GPTQ a fixed random tiny model, as a run
 does after training; every rank writes the artifact bytes it got to $OUT_DIR/rank<r>.ptz, and rank 0 the RTN
 export of the same weights to rtn.ptz. Run alone it is world 1."""
 import os

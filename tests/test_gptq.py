@@ -99,11 +99,10 @@ def test_hessians_are_those_of_every_banked_linear(tg, monkeypatch):
         assert not torch.equal(a, rec.h[f"blocks.{i}.attn.proj.weight"])
 
 
-@pytest.mark.parametrize("calib", ["self", "train"])
-def test_calibration_sequences(tg, tiny_data, calib):
+def test_calibration_sequences(tg, tiny_data):
     """Every rank's share is seeded per sequence: two ranks' Hessians sum to the single process's."""
     data, tok = tiny_data
-    cfg = tiny_cfg(tg, data_path=str(data), tokenizer_path=str(tok), gptq_calib=calib, gptq_calib_seqs=5)
+    cfg = tiny_cfg(tg, data_path=str(data), tokenizer_path=str(tok), gptq_calib_seqs=5)
     model = trained_like(tg, cfg)
     one = tg.calibrate(model, cfg, tg.Runtime(device=torch.device("cpu"), amp=False))
     parts = [tg.calibrate(model, cfg, tg.Runtime(device=torch.device("cpu"), rank=r, world_size=2, amp=False))
@@ -129,7 +128,7 @@ def test_fit_rule_on_gptq_codes(tg, monkeypatch, tiny_data):
     loads with the unchanged loader."""
     monkeypatch.setattr(tg, "PASSTHROUGH_MAX", 1024)
     data, tok = tiny_data
-    cfg = tiny_cfg(tg, data_path=str(data), tokenizer_path=str(tok), gptq_calib="train", gptq_calib_seqs=4)
+    cfg = tiny_cfg(tg, data_path=str(data), tokenizer_path=str(tok), gptq_calib_seqs=4)
     model = trained_like(tg, cfg)
     hs = tg.calibrate(model, cfg, tg.Runtime(device=torch.device("cpu"), amp=False))
     blob_r, _, _, _ = tg.export_model(model, cfg)
@@ -162,8 +161,7 @@ def test_fit_rule_on_gptq_codes(tg, monkeypatch, tiny_data):
 
 
 @needs_gloo
-@pytest.mark.parametrize("calib", ["self"])  # train: test_calibration_sequences (the sampling is the harder case)
-def test_artifact_bytes_are_identical_across_world_sizes(tg, tiny_data, tmp_path, calib):
+def test_artifact_bytes_are_identical_across_world_sizes(tg, tiny_data, tmp_path):
     """One process and two (torchrun, gloo) calibrate the same weights and quantize once (rank 0, broadcast):
     the same bytes on every rank of both runs, and not the round-to-nearest bytes."""
     data, tok = tiny_data
@@ -172,8 +170,7 @@ def test_artifact_bytes_are_identical_across_world_sizes(tg, tiny_data, tmp_path
     worker = str(Path(__file__).resolve().parent / "gptq_worker.py")
     blobs = {}
     for n in (1, 2):
-        env = dict(base, **tiny_run.tiny_env(data, tok, tmp_path / f"w{n}", GPTQ="1", GPTQ_CALIB=calib,
-                                             GPTQ_CALIB_SEQS="5"))
+        env = dict(base, **tiny_run.tiny_env(data, tok, tmp_path / f"w{n}", GPTQ="1", GPTQ_CALIB_SEQS="5"))
         cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                                   if n == 2 else []) + [worker]
         p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -194,7 +191,7 @@ def test_run_takes_calibration_from_the_training_budget(tg, tiny_data, tmp_path)
     assert 1.0 <= s["train_seconds"] < 3.5 and s["steps"] >= 1, s  # the budget less the reserve, + the last step
     log = (tmp_path / "gptq.txt").read_text()
     log = log[log.index("\nconfig "):]  # after the source code
-    m = re.search(r"^gptq:calibrated calib:train seqs:4 calib_time:(\d+)ms reserve:5000ms train\+calib:(\d+)ms$", log,
+    m = re.search(r"^gptq:calibrated seqs:4 calib_time:(\d+)ms reserve:5000ms train\+calib:(\d+)ms$", log,
                   re.M)
     assert m, log[-3000:]
     assert int(m.group(2)) == round(1000 * (s["train_seconds"] + s["calib_seconds"]))
@@ -210,7 +207,7 @@ def test_run_takes_calibration_from_the_training_budget(tg, tiny_data, tmp_path)
 def test_gptq_config_errors(tg):
     env = {"PRESET": "cpu"}
     assert tg.Config.from_env(env).gptq is False  # the default reproduces the seed: round to nearest
-    for bad, msg in ((dict(GPTQ_CALIB="val"), "GPTQ_CALIB"), (dict(GPTQ_CALIB_SEQS="0"), "GPTQ_CALIB_SEQS"),
+    for bad, msg in ((dict(GPTQ_CALIB="self"), "GPTQ_CALIB"), (dict(GPTQ_CALIB_SEQS="0"), "GPTQ_CALIB_SEQS"),
                      (dict(GPTQ="1", GPTQ_RESERVE_SECONDS="300"), "GPTQ_RESERVE_SECONDS"),
                      (dict(GPTQ_RESERVE_SECONDS="-1"), "GPTQ_RESERVE_SECONDS")):
         with pytest.raises(tg.UserError, match=msg):
@@ -218,3 +215,4 @@ def test_gptq_config_errors(tg):
     ok = tg.Config.from_env(dict(env, GPTQ="1", GPTQ_RESERVE_SECONDS="300", MAX_WALLCLOCK_SECONDS="0"))
     assert ok.gptq and ok.gptq_reserve_seconds == 300  # no wall clock: no reserve to take
     assert any("GPTQ_CALIBS" in w for w in tg.env_warnings({"GPTQ_CALIBS": "1"}))
+    assert tg.Config.from_env(dict(env, GPTQ_CALIB="train")).gptq_calib_seqs == 64  # retired: train is accepted

@@ -701,7 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training steps when training (step-based schedule; default 172, the CPU main job's count)")
     qu.add_argument("--steps", type=parse_steps, default=[1.5, 1.75, 2.0],
                     help="forced int6 step factors besides the run's grid (default 1.5,1.75,2.0)")
-    qu.add_argument("--calib", choices=("self", "train"), default="", help="GPTQ_CALIB (default: the config's)")
     qu.add_argument("--seqs", type=int, default=0, help="GPTQ_CALIB_SEQS (default: the config's; 8 with "
                     "--competition)")
     qu.add_argument("--competition", action="store_true",

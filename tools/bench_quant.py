@@ -13,7 +13,7 @@ Rows: the grid the run would choose (RTN export at ARTIFACT_TARGET_BYTES, as `tr
 --steps factor: RTN with every int6 row scale multiplied by that factor (the fit rule's coarsening, packed with
 the run's compressor). GPTQ is then exported at the RTN row's artifact bytes as its budget, by the run's own fit
 rule (`export_model(..., budget, hessians)`: the common step bisected on GPTQ's codes), so both sides are compared
-at equal bytes. Calibration: `train_gpt.calibrate` with the config's GPTQ_CALIB/GPTQ_CALIB_SEQS (--calib, --seqs).
+at equal bytes. Calibration: `train_gpt.calibrate` with the config's GPTQ_CALIB_SEQS (--seqs).
 penalty = roundtrip bpb - post_ema bpb, both by `train_gpt.evaluate_plain` on the whole val set.
 
 Floor (the GPTQ issue): at every factor >= 1.5, GPTQ's penalty <= half of RTN's, at equal bytes (within 1%).
@@ -23,10 +23,9 @@ the same step ratio its fit found), a less noisy reading of the same comparison.
 
 --competition: the competition preset's model (every matrix i.i.d. normal at its init scale, as `bench size
 --init gaussian`) on this CPU, --seqs sequences (default 8: one rank's share of 64 on 8 GPUs): times the Hessian
-pass (`calibrate` with GPTQ_CALIB=train), the self-sampling step at the first and last cache positions (the
-whole sampling would take hours here), GPTQ's factorization and one GPTQ pass (and with --export the whole fitted
-export); counts FLOPs, KV-cache reads and torch calls (~ kernel launches) of each phase, and estimates the
-8xH100 time as FLOPs / sustained rate + bytes / bandwidth + calls x launch cost (the assumptions are printed with
+pass (`calibrate`), GPTQ's factorization and one GPTQ pass (and with --export the whole fitted
+export); counts FLOPs and torch calls (~ kernel launches) of each phase, and estimates the
+8xH100 time as FLOPs / sustained rate + calls x launch cost (the assumptions are printed with
 the numbers).
 Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
 """
@@ -51,7 +50,7 @@ FLOOR_RATIO, FLOOR_BYTES, FLOOR_MIN_STEP = 0.5, 0.01, 1.5
 JITTER = 0.015  # --jitter: relative spacing of the steps around each reported one
 # 8xH100 estimate: sustained rates (about half of the H100 SXM datasheet's dense peaks: TF32 tensor 495, FP64
 # tensor 67 TFLOP/s) and the cost of one small kernel launched from Python (eager PyTorch, no CUDA graphs)
-H100_TF32, H100_FP64, H100_BW, LAUNCH_S = 250e12, 30e12, 2.0e12, 10e-6
+H100_TF32, H100_FP64, LAUNCH_S = 250e12, 30e12, 10e-6
 
 
 class QuantBenchError(Exception):
@@ -60,8 +59,6 @@ class QuantBenchError(Exception):
 
 def _cfg(tg, env: dict, args):
     over = {}
-    if args.calib:
-        over["gptq_calib"] = args.calib
     if args.seqs:
         over["gptq_calib_seqs"] = args.seqs
     try:
@@ -159,7 +156,7 @@ def bench_quant(args) -> int:
     rtn_s = time.perf_counter() - t
     print(f"# bench quant: PRESET={cfg.preset} {cfg.num_layers}x{cfg.model_dim}, {tg.count_params(model):,} params; "
           f"checkpoint {args.checkpoint} ({info['steps']} steps); post_ema val_bpb {post:.6f}; calibration "
-          f"GPTQ_CALIB={cfg.gptq_calib} x{cfg.gptq_calib_seqs} seqs of {cfg.train_seq_len} in {calib_s:.1f}s; RTN export "
+          f"{cfg.gptq_calib_seqs} seqs of {cfg.train_seq_len} in {calib_s:.1f}s; RTN export "
           f"{rtn_s:.1f}s ({method}); torch threads {torch.get_num_threads()}, loadavg {os.getloadavg()[0]:.1f}",
           flush=True)
     blobs = Blobs(tg, model, cfg, hessians)
@@ -216,8 +213,7 @@ def bench_quant(args) -> int:
           f"{100 * FLOOR_BYTES:.0f}%: {'PASS' if ok and floors else 'MISS'}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(preset=cfg.preset, checkpoint=str(args.checkpoint), info=info,
-                                                   post_ema_bpb=post, calib=cfg.gptq_calib,
-                                                   calib_seqs=cfg.gptq_calib_seqs, calib_seconds=calib_s,
+                                                   post_ema_bpb=post, calib_seqs=cfg.gptq_calib_seqs, calib_seconds=calib_s,
                                                    method=method, rows=rows), indent=1) + "\n")
     return 0
 
@@ -264,9 +260,9 @@ def bench_competition(args) -> int:
     kinds = {"attn.c_q": (D, D), "attn.c_k": (Hkv * hd, D), "attn.c_v": (Hkv * hd, D), "attn.proj": (D, D),
              "mlp.fc": (cfg.mlp_dim, D), "mlp.proj": (D, cfg.mlp_dim)}
     out = dict(params=tg.count_params(model), seqs=S, seq_len=T)
-    # 1. the Hessian pass (GPTQ_CALIB=train: exactly this; self: this after the sampling), one rank's S sequences
+    # 1. the Hessian pass, one rank's S sequences
     t = time.perf_counter()
-    hessians = tg.calibrate(model, dataclasses.replace(cfg, gptq_calib="train"), rt)
+    hessians = tg.calibrate(model, cfg, rt)
     out["hessian_pass_seconds"] = time.perf_counter() - t
     tokens = S * T
     out["hessian_pass_flops"] = (2 * tokens * mm + 2 * L * S * T * T * D  # forward (causal attention: half of 4 T^2 D)
@@ -274,24 +270,7 @@ def bench_competition(args) -> int:
     with torch.no_grad(), CountCalls() as c:
         model.forward_hidden(torch.zeros(1, 8, dtype=torch.long))
     out["hessian_pass_calls"] = c.n + 6 * L * 3  # + the recorder's cast, product and sum per matrix
-    # 2. self-sampling (GPTQ_CALIB=self): calibrate's step, timed at the first and the last cache positions
-    per_step = []
-    with torch.no_grad():
-        for prefix in (1, T - 9):
-            cache = {"rope_len": T}
-            model.forward_hidden(torch.zeros(S, prefix, dtype=torch.long), cache)
-            t = time.perf_counter()
-            for _ in range(8):
-                with CountCalls() as c:
-                    model.compute_logits(model.forward_hidden(torch.zeros(S, 1, dtype=torch.long), cache)[:, -1])
-            per_step.append((time.perf_counter() - t) / 8)
-    out["sample_step_seconds"] = per_step
-    out["sample_seconds_cpu_estimate"] = (T - 1) * sum(per_step) / 2  # the step cost is ~linear in the position
-    out["sample_calls_per_step"] = c.n + 4  # + the Gumbel noise, its transfer, argmax and cat
-    out["sample_flops"] = 2 * tokens * mm + 2 * L * S * T * T * D
-    # each cached step reads its layers' keys and values so far (bf16 under AMP): (T-1)/2 positions on average
-    out["sample_cache_bytes"] = 2 * 2 * L * (T - 1) * S * (T // 2) * Hkv * hd
-    # 3. GPTQ: the factors once, then one pass per step (1 at step 1, 21 per fit try)
+    # 2. GPTQ: the factors once, then one pass per step (1 at step 1, 21 per fit try)
     mats = tg.unbank({n: getattr(model, n).detach() for n in tg.BANK_NAMES}, L)
     t = time.perf_counter()
     gptq = tg.gptq_kinds(mats, hessians)
@@ -311,10 +290,6 @@ def bench_competition(args) -> int:
                    export_method=method, export_step1_bytes=sizes[method])
     # 8xH100: every rank calibrates its 8 of the 64 sequences at once; rank 0 then quantizes
     est = {"hessian_pass": out["hessian_pass_flops"] / H100_TF32 + out["hessian_pass_calls"] * LAUNCH_S}
-    est["sampling"] = (out["sample_flops"] / H100_TF32 + out["sample_cache_bytes"] / H100_BW
-                       + (T - 1) * out["sample_calls_per_step"] * LAUNCH_S)
-    est["calibration_train"] = est["hessian_pass"]
-    est["calibration_self"] = est["hessian_pass"] + est["sampling"]
     est["gptq_factors"] = out["factor_flops"] / H100_FP64
     est["gptq_pass"] = out["pass_flops"] / H100_TF32 + out["pass_calls"] * LAUNCH_S
     est["gptq_no_fit"] = est["gptq_factors"] + est["gptq_pass"]
@@ -323,16 +298,12 @@ def bench_competition(args) -> int:
     print(f"# bench quant --competition: {out['params']:,} params (i.i.d. normal matrices), {S} seqs x {T} tokens "
           f"(one rank's share of 64 on 8 GPUs); this CPU: torch threads {torch.get_num_threads()}, loadavg "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"CPU measured: Hessian pass {out['hessian_pass_seconds']:.1f}s; sampling step {per_step[0]:.3f}s at the "
-          f"start, {per_step[1]:.3f}s at the end (x{T - 1} steps: ~{out['sample_seconds_cpu_estimate']:.0f}s); GPTQ "
-          f"factors {out['factor_seconds']:.1f}s, one pass {out['pass_seconds']:.1f}s ({out['pass_calls']:,} torch calls)"
+    print(f"CPU measured: Hessian pass {out['hessian_pass_seconds']:.1f}s; GPTQ factors {out['factor_seconds']:.1f}s, one pass {out['pass_seconds']:.1f}s ({out['pass_calls']:,} torch calls)"
           + (f"; fitted export {out['export_seconds']:.0f}s ({out['export_bytes']:,} bytes at x{out['export_step']:.4f}"
              f", {out['export_method']}; step 1: {out['export_step1_bytes']:,})" if args.export else ""))
-    print(f"FLOPs: Hessian pass {out['hessian_pass_flops']:.3g}; sampling {out['sample_flops']:.3g} + "
-          f"{out['sample_cache_bytes']:.3g} bytes of KV cache reads, {out['sample_calls_per_step']} calls/step; GPTQ "
-          f"factors {out['factor_flops']:.3g} (fp64), one GPTQ pass {out['pass_flops']:.3g}")
+    print(f"FLOPs: Hessian pass {out['hessian_pass_flops']:.3g}; GPTQ factors {out['factor_flops']:.3g} (fp64), one GPTQ pass {out['pass_flops']:.3g}")
     print(f"8xH100 estimate (FLOPs / sustained TF32 {H100_TF32 / 1e12:.0f} or FP64 {H100_FP64 / 1e12:.0f} TFLOP/s, "
-          f"bytes / {H100_BW / 1e12:.1f} TB/s, + calls x {1e6 * LAUNCH_S:.0f} us for the sequential loops): "
+          f"+ calls x {1e6 * LAUNCH_S:.0f} us for the sequential loops): "
           + ", ".join(f"{k} {v:.2f}s" for k, v in est.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

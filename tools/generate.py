@@ -1,11 +1,10 @@
 """Generate text from an artifact, with and without a SLOT delta fitted on the prompt, side by side.
 
 The prompt is tokenized (SentencePiece, a BOS first as in the training documents) and run once through the
-model, filling a KV cache. SLOT then fits one hidden-state delta on every prompt position (train_gpt.fit_delta:
-AdamW on the cached raw logits, one group) and both continuations are decoded from copies of that cache, the
-second with the delta added to the final hidden state at every step. Sampling uses the same seed for both, so
-they differ only through the delta. Each step costs one token through the trunk (KV cache), not the whole
-context; when the context reaches --context tokens the cache is rebuilt from its last half.
+model. SLOT then fits one hidden-state delta on every prompt position (train_gpt.fit_delta: AdamW on the raw
+logits, one group) and both continuations are decoded, the second with the delta added to the final hidden state
+at every step. Sampling uses the same seed for both, so they differ only through the delta. Each step runs the
+last --context tokens through the trunk (train_gpt.py has no KV cache: it would be code bytes in the artifact).
 
     python tools/generate.py --artifact logs/run.ptz --prompt "The kernel scheduler" --greedy
     python tools/generate.py --artifact logs/run.ptz --prompt "def main():" --temperature 0.8 --top-k 40 --seed 1 \\
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import shutil
 import sys
@@ -31,26 +29,10 @@ from _cli import Parser
 from _common import ToolError, tg
 
 
-def has_kv_cache(model) -> bool:
-    return "cache" in inspect.signature(model.forward_hidden).parameters
-
-
-def clone_cache(cache: dict) -> dict:
-    """Caches are only ever extended by torch.cat (never written in place): copying the dicts is enough."""
-    out = dict(cache)
-    if "layers" in cache:
-        out["layers"] = [dict(layer) for layer in cache["layers"]]
-    return out
-
-
 @torch.no_grad()
-def prompt_hidden(model, ids: list[int], rope_len: int = 0, use_cache: bool = True) -> tuple[dict | None, torch.Tensor]:
-    """One pass over the prompt: (KV cache or None, (T, D) fp32 final hidden states)."""
-    x = torch.tensor(ids, dtype=torch.long)[None]
-    if use_cache and has_kv_cache(model):
-        cache = {"rope_len": rope_len}
-        return cache, model.forward_hidden(x, cache)[0].float()
-    return None, model.forward_hidden(x)[0].float()
+def last_hidden(model, ids: list[int]) -> torch.Tensor:
+    """(T, D) fp32 final hidden states of one pass over ids."""
+    return model.forward_hidden(torch.tensor(ids, dtype=torch.long)[None])[0].float()
 
 
 @torch.no_grad()
@@ -82,26 +64,16 @@ def pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int, gen
 
 @torch.no_grad()
 def generate(model, prompt: list[int], delta: torch.Tensor | None, max_new: int, *, greedy: bool = True,
-             temperature: float = 1.0, top_k: int = 0, seed: int = 0, context: int = 1024, rope_len: int = 0,
-             stop: tuple = (), use_cache: bool = True, prefill: tuple | None = None) -> list[int]:
+             temperature: float = 1.0, top_k: int = 0, seed: int = 0, context: int = 1024, stop: tuple = (),
+             h: torch.Tensor | None = None) -> list[int]:
     """New token ids after `prompt`. The delta (1, D) is added to the final hidden state at every step (None: no
-    SLOT). `prefill` = (cache, last hidden) from an earlier call on the same prompt skips the prompt pass."""
+    SLOT). `h`: the prompt's last hidden state, when already computed."""
     W = model.head_weight().float()
     u = (delta.float() @ W.T)[0] if delta is not None else None
     gen = torch.Generator().manual_seed(seed)
     seq, out = list(prompt), []
-    use_cache = use_cache and has_kv_cache(model)
-
-    def run_full(tokens):
-        c = {"rope_len": rope_len} if use_cache else None
-        x = torch.tensor(tokens, dtype=torch.long)[None]
-        h = model.forward_hidden(x, c) if use_cache else model.forward_hidden(x)
-        return c, h[0, -1].float()
-
-    if use_cache and prefill is not None:
-        cache, h = clone_cache(prefill[0]), prefill[1]
-    else:
-        cache, h = run_full(seq[-context:])
+    if h is None:
+        h = last_hidden(model, seq[-context:])[-1]
     for _ in range(max_new):
         z = model.raw_logits(h)
         tok = pick(model.softcap(z + u if u is not None else z), greedy, temperature, top_k, gen)
@@ -109,12 +81,7 @@ def generate(model, prompt: list[int], delta: torch.Tensor | None, max_new: int,
         seq.append(tok)
         if tok in stop:
             break
-        if not use_cache:
-            _, h = run_full(seq[-context:])
-        elif cache["layers"][0]["k"].size(1) >= context:  # full: rebuild from the last half (amortised O(1))
-            cache, h = run_full(seq[-max(context // 2, 1):])
-        else:
-            h = model.forward_hidden(torch.tensor([[tok]]), cache)[0, -1].float()
+        h = last_hidden(model, seq[-context:])[-1]
     return out
 
 
@@ -150,7 +117,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     ap.add_argument("--context", type=int, help="most tokens the model sees (default TRAIN_SEQ_LEN of the config)")
     ap.add_argument("--no-bos", action="store_true", help="do not start the prompt with BOS")
-    ap.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow; a check)")
     ap.add_argument("--width", type=int, help="output width (default: the terminal's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one-token steps are too small "
                     "to gain from more, and lose badly on a busy machine)")
@@ -182,19 +148,14 @@ def main(argv=None) -> int:
         return 2
     ids = ([sp.bos_id()] if sp.bos_id() >= 0 and not args.no_bos else []) + sp.encode(args.prompt)
     context = args.context or cfg.train_seq_len
-    rope_len = context if context > tg.Rotary.NTK_LEN else 0  # the RoPE base the model was trained with
     stop = tuple(i for i in (sp.bos_id(), sp.eos_id()) if i >= 0)
-    use_cache = not args.no_cache and has_kv_cache(model)
-    if not args.no_cache and not use_cache:
-        print("note: this train_gpt.py has no KV cache (forward_hidden(ids, cache)); recomputing every step")
     ids = ids[-context:]
     t = time.perf_counter()
-    cache, h = prompt_hidden(model, ids, rope_len, use_cache)
+    h = last_hidden(model, ids)
     delta, before, after = fit_prompt_delta(model, ids, h, cfg, args.slot_steps, args.slot_lr)
     fit_s = time.perf_counter() - t
-    prefill = (cache, h[-1]) if cache is not None else None
     kw = dict(greedy=args.temperature is None, temperature=args.temperature or 1.0, top_k=args.top_k,
-              seed=args.seed, context=context, rope_len=rope_len, stop=stop, use_cache=use_cache, prefill=prefill)
+              seed=args.seed, context=context, stop=stop, h=h[-1])
     t = time.perf_counter()
     plain = generate(model, ids, None, args.max_new_tokens, **kw)
     slotted = generate(model, ids, delta, args.max_new_tokens, **kw)
@@ -205,7 +166,7 @@ def main(argv=None) -> int:
     print(f"artifact: {args.artifact} ({cfg.num_layers}x{cfg.model_dim}, {tg.count_params(model):,} params); "
           f"tokenizer: {path}")
     print(f"prompt: {len(ids)} tokens; decoding: {mode}; {len(plain) + len(slotted)} tokens in {gen_s:.1f}s "
-          f"({'KV cache' if use_cache else 'no cache'}, context {context})")
+          f"(context {context})")
     if args.slot_steps and len(ids) >= 2:
         print(f"SLOT: {args.slot_steps} AdamW steps at lr {args.slot_lr} on {len(ids) - 1} prompt targets in "
               f"{fit_s:.2f}s: prompt loss {before:.4f} -> {after:.4f} nats/token, |delta| = {delta.norm():.4f}")
