@@ -1,11 +1,6 @@
-"""Parameter Golf trainer: the PR #549 stack (11L LeakyReLU^2, BigramHash, XSA, partial RoPE, VE, Parallel
-Muon, EMA, int6 export) with score-first TTT and SLOT (seed-faithful `batch` and per-window `causal`).
-
-    torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, PRESET=competition
-    python train_gpt.py                                         # CPU, PRESET=cpu, offline dataset
-
-Every knob is an UPPERCASE env var mapped to one `Config` field; see README.md for the glossary and log API.
-"""
+"""Parameter Golf: the PR #549 stack with score-first TTT and SLOT (`batch` as the seed, per-window `causal`).
+`torchrun --standalone --nproc_per_node=8 train_gpt.py` (8xH100) or `python train_gpt.py` (CPU preset). Every knob
+is an env var (one Config field); README.md has the glossary and the log API."""
 # ---- imports ----
 
 import copy
@@ -34,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-try:  # optional compressors: the artifact uses whichever is smallest among those present
+try:  # optional compressors
     import zstandard
 except ImportError:
     zstandard = None
@@ -45,7 +40,7 @@ except ImportError:
 
 
 class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2, no traceback (DEBUG=1 shows it)."""
+    """Bad input: one line, exit status 2."""
 
 
 # ---- config ----
@@ -56,30 +51,30 @@ PRESETS = ("competition", "cpu")
 @dataclass(frozen=True)
 class Config:
     # run and paths
-    preset: str = "competition"  # competition (CUDA default) | cpu (CPU default); explicit vars override
+    preset: str = "competition"  # competition (CUDA default) | cpu
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    run_id: str = ""  # log/artifact name under OUT_DIR (empty: a fresh uuid4)
+    run_id: str = ""  # empty: a fresh uuid4
     out_dir: str = "logs"  # where <RUN_ID>.txt/.json/.ptz go
     seed: int = 1337
     device: str = ""  # cuda | cpu (empty: cuda when available)
-    compile: bool = True  # torch.compile the model (training step and eval trunk; competition on, cpu off)
-    compile_head: bool = True  # torch.compile the softcapped CE and SLOT's fit/score even when COMPILE=0
-    amp: bool = True  # bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
+    compile: bool = True  # torch.compile the model
+    compile_head: bool = True  # torch.compile the head (CE, SLOT)
+    amp: bool = True  # bf16 autocast where bf16 is fast
     eval_only: bool = False  # skip training, evaluate LOAD_ARTIFACT
     load_artifact: str = ""  # path of a saved .ptz artifact (EVAL_ONLY=1)
-    val_max_tokens: int = 0  # cap on val targets (0: all; for quick experiments only)
+    val_max_tokens: int = 0  # cap on val targets (0: all)
     eval_time_limit_seconds: float = 600.0  # warn before eval if the estimate exceeds it
     # eval and logging
     val_batch_size: int = 524288  # tokens per plain-eval batch (global)
-    val_loss_every: int = 4000  # plain val eval every N steps (0: only at the end)
+    val_loss_every: int = 4000  # 0: only at the end
     train_log_every: int = 500
     eval_seq_len: int = 2048  # sliding window length
     eval_stride: int = 64  # scored tokens per window (window 0 scores all)
     eval_batch_seqs: int = 32  # windows per scoring batch
     # length and time
     iterations: int = 9000  # hard cap on steps
-    warmdown_iters: int = 3500  # warmdown length in (estimated) steps, applied on wall clock
+    warmdown_iters: int = 3500
     warmup_steps: int = 20  # priming steps that are run, then undone
     train_batch_tokens: int = 786432  # global batch, independent of world size
     train_seq_len: int = 2048
@@ -124,7 +119,7 @@ class Config:
     # averaging and QAT
     ema_enabled: bool = True
     ema_decay: float = 0.997
-    late_qat: bool = True  # fake-quantize the exported banks once lr_mul < LATE_QAT_THRESHOLD
+    late_qat: bool = True
     late_qat_threshold: float = 0.15
     qat_enabled: bool = False  # fake-quantize from step 0
     # score-first TTT
@@ -137,24 +132,24 @@ class Config:
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
     # SLOT
-    slot_enabled: bool = True  # fit a hidden-state delta inside every scoring pass
-    slot_mode: str = "batch"  # batch (seed, NOT causal) | causal (per-window, context-only)
+    slot_enabled: bool = True
+    slot_mode: str = "batch"  # batch (seed, NOT causal) | causal
     slot_lr: float = 0.001
     slot_steps: int = 3
     slot_wd: float = 1e-8  # AdamW weight decay
     slot_eps: float = 1e-5  # AdamW eps
     slot_beta1: float = 0.9
     slot_beta2: float = 0.999
-    slot_context: int = 0  # causal mode fits on the last N scored context targets (0: all)
+    slot_context: int = 0  # causal: fit on the last N context targets (0: all)
     # CTW mixing at evaluation
-    ctw_weight: float = 0.0  # mixture weight of the context-tree model (0: off, bit-identical)
+    ctw_weight: float = 0.0  # 0: off
     ctw_depth: int = 4  # context-tree depth (previous tokens)
-    ctw_alpha: float = 0.0  # estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
-    control_tensor_name_patterns: str = ""  # comma list; matching small tensors export fp32, not fp16
-    artifact_target_bytes: int = 16_000_000  # code + model over this: coarser int6 step until it fits (0: never)
-    gptq: bool = False  # int6 rounding by GPTQ, calibrated inside the training budget (0: to nearest)
+    ctw_alpha: float = 0.0  # 0: 1/VOCAB_SIZE
+    control_tensor_name_patterns: str = ""  # comma list: small tensors kept fp32
+    artifact_target_bytes: int = 16_000_000
+    gptq: bool = False
     gptq_calib_seqs: int = 64  # calibration sequences of TRAIN_SEQ_LEN tokens
-    gptq_reserve_seconds: float = 8.0  # training stops this much early to calibrate (GPTQ=1)
+    gptq_reserve_seconds: float = 8.0
 
     # -- derived --
     @property
@@ -167,7 +162,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env, cuda: bool | None = None) -> "Config":
-        """Build from a mapping of env vars: preset defaults, then explicit values. Raises UserError."""
+        """Preset defaults, then explicit values. Raises UserError."""
         preset = env.get("PRESET") or ("competition" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu")
         if preset not in PRESETS:
             raise UserError(f"PRESET={preset!r} is not valid: use one of {', '.join(PRESETS)}")
@@ -231,15 +226,15 @@ class Config:
         need(not self.eval_only or self.load_artifact, "LOAD_ARTIFACT", "a path is required with EVAL_ONLY=1")
 
     def diff_from_defaults(self) -> dict:
-        """Fields that differ from the competition preset: the env vars of an exact run command."""
+        """Fields that differ from the competition preset: an exact run command."""
         base = Config()
         return {f.name.upper(): _format_value(getattr(self, f.name)) for f in fields(self)
                 if f.name not in ("preset", "run_id") and getattr(self, f.name) != getattr(base, f.name)}
 
 
 PRESET_VALUES = {
-    "competition": {},  # the field defaults are the seed's SLOT run command
-    "cpu": dict(  # sized so the whole main job fits in 10 minutes on a 2-core CPU with the offline dataset
+    "competition": {},
+    "cpu": dict(  # main job in 10 min on 2 cores
         data_path="./data/datasets/offline_sp1024", tokenizer_path="./data/tokenizers/offline_1024_bpe.model",
         compile=False, num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=1536,
         xsa_last_n=2, ve_layers=(2, 3), train_seq_len=256, train_batch_tokens=16384, iterations=10000,
@@ -249,8 +244,7 @@ PRESET_VALUES = {
         gptq_reserve_seconds=15.0),
 }
 
-# Names the reference reads (or its README sets) that this program does not implement. None = any value is
-# accepted and ignored with a note; otherwise only the listed values are accepted.
+# Names the reference reads that we do not implement: None = any value is ignored, else only these are accepted.
 RETIRED_VARS = {
     "SWA_ENABLED": (None, "SWA is never applied in #549 (dead code); EMA is what is exported"),
     "SWA_EVERY": (None, "SWA is never applied in #549 (dead code)"),
@@ -266,7 +260,6 @@ RETIRED_VARS = {
     "GPTQ_CALIB": (("train",), "self-sampled calibration was removed: no better than train tokens, and slower"),
     "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "no large control tensor exists; CONTROL_TENSOR_NAME_PATTERNS rules"),
 }
-# Env vars of the environment that are not ours even though they share a prefix.
 FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG",
                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
 _OUR_PREFIXES = ("SLOT_", "GPTQ_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
@@ -313,7 +306,7 @@ def _format_value(v) -> str:
 
 
 def env_warnings(env) -> list[str]:
-    """Notes for env vars that look like ours but are unknown (typos), and for retired names."""
+    """Notes for unknown env vars that look like ours (typos) and for retired names."""
     known = {f.name.upper() for f in fields(Config)}
     out = []
     for name in sorted(env):
@@ -354,8 +347,7 @@ class Runtime:
         return dist.is_available() and dist.is_initialized()
 
     def fn(self, f):
-        """f under torch.compile (static shapes, fullgraph: one graph per input shape) with COMPILE or COMPILE_HEAD,
-        else f."""
+        """f compiled (static shapes, fullgraph) with COMPILE or COMPILE_HEAD, else f."""
         if not self.compile_head:
             return f
         if f not in self._fns:
@@ -364,10 +356,9 @@ class Runtime:
 
 
 def setup_runtime(cfg: Config, env) -> Runtime:
-    """The only place that reads torchrun's variables and picks the device, the attention kernel and the process
-    group. TF32 stays off (torch's default): the fp32 matmuls left under AMP are the scoring head's, exact by design."""
+    """The only reader of torchrun's variables: device, attention kernel, process group. TF32 stays off."""
     if cfg.device == "cuda" or (not cfg.device and torch.version.cuda):
-        if not torch.cuda.is_available():  # never fall back to the CPU silently on a GPU machine
+        if not torch.cuda.is_available():
             raise UserError(cuda_problem() + ("" if cfg.device else ": set DEVICE=cpu to run on the CPU on purpose"))
     want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = int(env.get("WORLD_SIZE", "1"))
@@ -375,7 +366,7 @@ def setup_runtime(cfg: Config, env) -> Runtime:
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if want == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.enable_math_sdp(False)  # a fallback to SDPA's T x T math kernel fails instead of crawling
+        torch.backends.cuda.enable_math_sdp(False)  # fail, don't crawl
         load_flash_attn(device, cfg.head_dim)
     ATTN_CALLS.clear()
     ATTN_CALLS.update({n: torch.zeros((), dtype=torch.long, device=device) for n in ("flash_attn_3", "flash_attn_2", "sdpa")})
@@ -390,7 +381,7 @@ def setup_runtime(cfg: Config, env) -> Runtime:
 
 
 def cuda_problem() -> str:
-    """Why CUDA is unusable, in one line: a CPU build of torch, a driver older than the build, or no device."""
+    """Why CUDA is unusable, in one line."""
     if torch.version.cuda is None:
         return (f"DEVICE=cuda but torch {torch.__version__} is a CPU build: install the CUDA build of torch 2.13.0 "
                 "for your driver (README: Your first GPU run)")
@@ -405,8 +396,7 @@ def cuda_problem() -> str:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention on (B,T,H,D) q and (B,T,Hkv,D) k/v; the only attention dispatch in the file: flash-attn
-    (bf16 on CUDA, when load_flash_attn found one that works), else SDPA. Counts its calls per backend."""
+    """Causal GQA attention, (B,T,H,D) q, (B,T,Hkv,D) k/v: flash-attn (bf16, CUDA) if loaded, else SDPA."""
     if _flash and q.is_cuda and q.dtype == torch.bfloat16:
         name, fn = _flash[0]
         y = fn(q, k, v, causal=True)
@@ -414,15 +404,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     else:
         name, y = "sdpa", sdpa(q, k, v)
     if name in ATTN_CALLS:
-        ATTN_CALLS[name] += 1  # a device tensor: counted inside compiled graphs too, without a recompile
+        ATTN_CALLS[name] += 1
     return y
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """torch's SDPA on (B,T,H,D) with K/V heads repeated up to q's: SDPA takes GQA (enable_gqa) in its flash kernel
-    only, so fp32 (AMP=0) or a mask would fall to the math kernel, which holds the T x T matrix (out of memory at
-    T=2048), and cuDNN attention (Hopper; up to 75% faster than FlashAttention-2, PyTorch 2.5 release notes) would
-    not be eligible (pytorch/pytorch#139586)."""
+    """SDPA with K/V heads repeated (enable_gqa is flash-kernel only: fp32 would fall to the T x T math kernel)."""
     r = q.size(2) // k.size(2)
     k, v = (t.repeat_interleave(r, dim=2) if r > 1 else t for t in (k, v))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -430,15 +417,13 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     return y.transpose(1, 2)
 
 
-_flash: list = []  # [(name, fn)]: the flash-attn kernel attend calls (setup_runtime, CUDA, after a probe)
+_flash: list = []  # [(name, fn)] of load_flash_attn
 FLASH_NOTES: list = []  # why an installed flash-attn is not used
-ATTN_CALLS: dict = {}  # attention calls per backend (0-dim tensors, set up by setup_runtime): what actually ran
+ATTN_CALLS: dict = {}  # 0-dim counts per backend
 
 
 def load_flash_attn(device, head_dim: int = 64) -> None:
-    """flash-attn 3 (Hopper), else 2: the first that imports and passes one causal GQA call at the model's head dim
-    against SDPA. A wheel built for another torch fails here (any exception, not only ImportError) and is noted,
-    not used."""
+    """flash-attn 3, else 2: the first that imports and matches SDPA once; else noted in FLASH_NOTES."""
     _flash.clear()
     for name, module in (("flash_attn_3", "flash_attn_interface"), ("flash_attn_2", "flash_attn")):
         try:
@@ -465,31 +450,11 @@ def load_flash_attn(device, head_dim: int = 64) -> None:
 
 
 def cpu_bf16_is_fast() -> bool:
-    """bf16 matmul beats fp32 on CPUs with avx512_bf16/AMX, and is ~100x slower on plain AVX2 ones. Decided by the
-    CPU's flags where Linux lists them: a timing can flip on a busy machine, and a flipped AMP decision changes
-    every score of the run. Elsewhere one timing, kept for the process."""
-    if not _bf16_fast:
-        try:
-            flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                     for f in line.split(":", 1)[1].split()}
-        except OSError:
-            flags = set()
-        if flags:
-            _bf16_fast.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
-        else:
-            a, times = torch.randn(256, 256), []
-            for dt in (torch.float32, torch.bfloat16):
-                x = a.to(dt)
-                x @ x
-                t = time.perf_counter()
-                for _ in range(4):
-                    x @ x
-                times.append(time.perf_counter() - t)
-            _bf16_fast.append(times[1] < times[0])
-    return _bf16_fast[0]
-
-
-_bf16_fast: list = []  # [cpu_bf16_is_fast()], decided once per process
+    """bf16 matmul beats fp32 only with avx512_bf16/AMX: read from the CPU's flags (a timing can flip)."""
+    try:
+        return not {"avx512_bf16", "amx_bf16"}.isdisjoint(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
 
 
 def amp_ctx(rt: Runtime):
@@ -508,13 +473,12 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 
 def maybe_compile(fn, rt: Runtime):
-    """The model's functions under COMPILE: static shapes, one graph each (fullgraph: a graph break is an error)."""
+    """The model's functions under COMPILE: static shapes, fullgraph."""
     return torch.compile(fn, dynamic=False, fullgraph=True) if rt.compile else fn
 
 
 def train_loss_fn(model, rt: Runtime):
-    """(forward, nll) of a training step: the compiled model (its loss fused in), or the eager trunk with the loss
-    compiled alone (COMPILE_HEAD)."""
+    """(forward, nll): the compiled model, or the eager model with the CE compiled alone (COMPILE_HEAD)."""
     return (maybe_compile(model, rt), None) if rt.compile else (model, rt.fn(softcap_nll))
 
 
@@ -539,7 +503,7 @@ class DataError(UserError):
 
 
 def write_shard(path, tokens) -> None:
-    """Write tokens in the competition's shard format, atomically (temp name, then rename)."""
+    """Write tokens in the competition's shard format, atomically."""
     toks = np.asarray(tokens)
     if toks.size and (toks.min() < 0 or toks.max() >= 65536):
         raise DataError(f"{path}: token ids must fit in uint16")
@@ -554,7 +518,7 @@ def write_shard(path, tokens) -> None:
 
 
 def read_shard_header(path) -> int:
-    """Validate a shard's header and size; return its token count. Raises DataError naming the defect."""
+    """Validate a shard's header and size; return its token count."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -578,7 +542,7 @@ def read_shard_header(path) -> int:
 
 
 def load_shard(path, vocab_size: int | None = None) -> np.ndarray:
-    """Read and validate one shard; returns uint16 tokens. Token ids >= vocab_size are an error."""
+    """Read and validate one shard (uint16 tokens < vocab_size)."""
     n = read_shard_header(path)
     toks = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and int(toks.max()) >= vocab_size:
@@ -601,7 +565,7 @@ def check_data_path(data_path: str) -> None:
 
 
 def load_val_tokens(cfg: Config) -> Tensor:
-    """All val shards concatenated; targets capped by VAL_MAX_TOKENS. Returns int64 tokens (targets = n-1)."""
+    """All val shards concatenated (int64), targets capped by VAL_MAX_TOKENS."""
     check_data_path(cfg.data_path)
     toks = np.concatenate([load_shard(p, cfg.vocab_size) for p in shard_files(cfg.data_path, "val")])
     if cfg.val_max_tokens:
@@ -612,7 +576,7 @@ def load_val_tokens(cfg: Config) -> Tensor:
 
 
 class TokenStream:
-    """Reads the train shards in order, wrapping forever (every rank reads the same stream)."""
+    """The train shards in order, wrapping forever (the same stream on every rank)."""
 
     def __init__(self, files: list[str], vocab_size: int):
         if not files:
@@ -637,7 +601,7 @@ class TokenStream:
 
 
 class DistributedLoader:
-    """Each step takes world*(local+1) contiguous tokens; rank r gets its own slice of local+1 (x and y)."""
+    """Each step: world*(local+1) contiguous tokens, rank r takes its slice."""
 
     def __init__(self, cfg: Config, rt: Runtime):
         self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
@@ -653,10 +617,10 @@ class DistributedLoader:
 
 @dataclass
 class ByteLuts:
-    """Per-token byte accounting (parameter_golf.md section 3). Tensors of size max(sp vocab, VOCAB_SIZE)."""
-    base_bytes: Tensor  # int16: UTF-8 bytes of the piece without one leading U+2581; 1 for <0xNN>; 0 for boundaries
-    has_space: Tensor  # bool: piece starts with U+2581 (counts 1 byte unless the previous token is a boundary)
-    is_boundary: Tensor  # bool: control, unknown, unused, or past the sp vocab
+    """Per-token byte accounting (parameter_golf.md section 3)."""
+    base_bytes: Tensor  # UTF-8 bytes, no leading U+2581
+    has_space: Tensor  # starts with U+2581
+    is_boundary: Tensor
 
     def target_bytes(self, prev: Tensor, tgt: Tensor) -> Tensor:
         """Bytes of each target given the token before it (same shapes); int64."""
@@ -713,17 +677,13 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def fake_quant_int6(w: Tensor) -> Tensor:
-    """Straight-through per-row int6 fake quantization on the export grid (+-31, row-max scale)."""
+    """Straight-through per-row int6 fake quantization on the export grid."""
     s = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 31
     return w + ((w / s).round().clamp(-31, 31) * s - w).detach()
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head, rotate-half style inside them. The tables are computed per
-    call (no cache: a Python cache would change torch.compile's guards between a fresh and a used model).
-
-    NTK scaling keys on the reference's hard-coded train length of 1024 (quirk kept: at T=2048 the base
-    becomes base*2^(dims/(dims-2)), which is what the seed's numbers were measured with)."""
+    """Partial RoPE on the first `dims` dims of each head; NTK scaling keys on 1024 as the reference (quirk kept)."""
 
     NTK_LEN = 1024
 
@@ -748,7 +708,7 @@ class Rotary(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (prev, cur) token-pair embedding; position 0 of every row uses the last bucket (quirk kept)."""
+    """Hashed (prev, cur) token-pair embedding; position 0 uses the last bucket (quirk kept)."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -777,7 +737,7 @@ class ValueEmbedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Per-block scalars; the block's matrices live in the GPT's banks and are passed in."""
+    """Per-block scalars; the matrices are bank slices passed in."""
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
@@ -791,10 +751,9 @@ class Block(nn.Module):
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve):
-        """The same dtypes on every device, whatever autocast's per-device op lists say: q/k norm, RoPE and attention
-        in the autocast dtype (bf16 under AMP, which flash-attn needs; CUDA autocast would run rms_norm in fp32:
-        AT_FORALL_FP32 in ATen/autocast_mode.h of torch 2.13, CPU autocast would not), XSA in fp32 (CUDA autocast's
-        normalize), relu^2 as u*u (the bf16 product is the fp32 square rounded as the next matmul rounds it)."""
+        """bf16 everywhere under AMP, whatever autocast's op lists say: q/k norm, RoPE, attention in the autocast
+        dtype (CUDA autocast runs rms_norm in fp32: AT_FORALL_FP32, ATen/autocast_mode.h, torch 2.13), XSA in
+        fp32, relu^2 as u*u."""
         B, T, D = x.shape
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln
@@ -808,7 +767,7 @@ class Block(nn.Module):
             q, k = (rotary(rms_norm(t), *rope) for t in (q, k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = attend(q, k, v)
-        if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
+        if self.xsa:  # minus the component along v
             yg = wide(y).view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
             vn = F.normalize(wide(v), dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.hd)
@@ -853,7 +812,7 @@ class GPT(nn.Module):
             self.mlp_down_bank.zero_()
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.embed.weight)
-            nn.init.orthogonal_(self.bigram.proj.weight)  # the reference's generic pass overrides its zero init
+            nn.init.orthogonal_(self.bigram.proj.weight)  # as the reference
         if self.ve_shared is not None:
             nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
             nn.init.orthogonal_(self.ve_shared.proj.weight)
@@ -866,7 +825,6 @@ class GPT(nn.Module):
     def forward_hidden(self, ids: Tensor) -> Tensor:
         """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks."""
         L = self.cfg.num_layers
-        # self.training first: in eval mode dynamo never reads the QAT flag, so it never recompiles for it
         qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.training and self.qat else self.banks()
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -890,7 +848,7 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def raw_logits(self, h: Tensor) -> Tensor:
-        """(…,D) -> (…,V) fp32 logits before the softcap; linear in h, which SLOT relies on."""
+        """(…,D) -> (…,V) fp32 logits before the softcap (linear in h: SLOT relies on it)."""
         return F.linear(h.float(), self.head_weight().float())
 
     def softcap(self, z: Tensor) -> Tensor:
@@ -902,16 +860,13 @@ class GPT(nn.Module):
         return self.softcap(self.raw_logits(h))
 
     def forward(self, ids: Tensor, targets: Tensor, nll=None) -> Tensor:
-        """Mean training CE. The head matmul runs in the autocast dtype (bf16, as the reference), the softcapped CE in
-        fp32 (softcap_nll; pass its compiled version as `nll` when the trunk is eager)."""
+        """Mean training CE: the head matmul in the autocast dtype, the softcapped CE in fp32 (`nll`: compiled)."""
         z = F.linear(self.forward_hidden(ids), self.head_weight())
         return (nll or softcap_nll)(z, targets, self.cfg.logit_softcap).mean()
 
 
 def softcap_nll(z: Tensor, y: Tensor, c: float) -> Tensor:
-    """Per-row CE of softcap(z) = c*tanh(z/c), (...,V) -> (...), in fp32 (float64 for a float64 z). Written as 2c*sigmoid(2z/c), which differs from
-    the softcap by the constant c that softmax ignores; elementwise ops and one row reduction, so torch.compile fuses
-    it into one kernel each way (Triton on CUDA, C++ on CPU)."""
+    """Per-row CE of c*tanh(z/c) in fp32, as 2c*sigmoid(2z/c) (softmax ignores c): one fused kernel compiled."""
     a = torch.sigmoid(wide(z) * (2 / c)) * (2 * c)
     return F.cross_entropy(a.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
@@ -925,8 +880,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
-    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices, in `dtype` (bf16 where bf16 is fast;
-    the update is all-gathered in it)."""
+    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices in `dtype`."""
     a, b, c = NS_COEFFS
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
@@ -940,13 +894,12 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
 
 
 class ParallelMuon:
-    """Muon on the parameter banks, sharded over ranks: reduce-scatter the grads (async), momentum and
-    Newton-Schulz on the local shard, all-gather the updates. World size 1 is the same code with one shard."""
+    """Muon on the banks, sharded: reduce-scatter grads, Newton-Schulz on the shard, all-gather updates."""
 
     def __init__(self, banks: list[nn.Parameter], cfg: Config, rt: Runtime):
         self.banks, self.cfg, self.rt = banks, cfg, rt
         W = rt.world_size
-        self.per = [-(-b.size(0) // W) for b in banks]  # matrices per rank (banks padded to a multiple of W)
+        self.per = [-(-b.size(0) // W) for b in banks]
         self.bufs = [torch.zeros(p, *b.shape[1:], device=b.device) for p, b in zip(self.per, banks)]
         self.lr, self.momentum = cfg.matrix_lr, cfg.muon_momentum
         self._shards: list = []
@@ -966,7 +919,7 @@ class ParallelMuon:
             self._shards.append((out, dist.reduce_scatter_tensor(out, pad, async_op=True)))
 
     def shard_sq_norm(self) -> Tensor:
-        """Sum of squares of this rank's averaged shard grads (waits for the reduce-scatters)."""
+        """Sum of squares of this rank's averaged shard grads."""
         total = torch.zeros((), device=self.rt.device, dtype=torch.float64)
         for i, (g, work) in enumerate(self._shards):
             if work is not None:
@@ -1005,8 +958,7 @@ class ParallelMuon:
 
 
 class Optimizers:
-    """Muon for the banks, AdamW for embeddings (TIED_EMBED_LR) and everything else (SCALAR_LR).
-    Grads are averaged over ranks first, then clipped by their global norm (GRAD_CLIP_NORM)."""
+    """Muon for the banks, AdamW for the rest; grads averaged over ranks, then clipped."""
 
     def __init__(self, model: GPT, cfg: Config, rt: Runtime):
         self.model, self.cfg, self.rt = model, cfg, rt
@@ -1024,7 +976,6 @@ class Optimizers:
                                       weight_decay=cfg.adam_wd, fused=True)  # one kernel, no .item() per step
         self.muon = ParallelMuon(banks, cfg, rt)
         self.replicated = [p for g in groups for p in g["params"]]
-        # grads all-reduced per dtype: the embedding tables' in bf16 under AMP (the reference's bf16 parameters)
         self.comm = [(emb, torch.bfloat16 if rt.amp else torch.float32), (self.replicated[len(emb):], torch.float32)]
 
     def set_schedule(self, lr_mul: float, step: int) -> None:
@@ -1034,8 +985,7 @@ class Optimizers:
         self.muon.momentum = muon_momentum_at(step, self.cfg)
 
     def step(self) -> Tensor:
-        """Average grads over ranks, clip by the global norm, step both optimizers, all without a host sync.
-        Returns the grad norm (a 0-dim tensor)."""
+        """Average grads, clip by the global norm, step: no host sync. Returns the grad norm (0-dim tensor)."""
         self.muon.launch()
         grads = [p.grad for p in self.replicated if p.grad is not None]
         for params, dt in self.comm if self.rt.world_size > 1 else ():
@@ -1075,8 +1025,7 @@ def muon_momentum_at(step: int, cfg: Config) -> float:
 
 
 def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
-    """Linear warmdown: on the wall clock (WARMDOWN_ITERS x measured step time before the cap), or over the
-    last WARMDOWN_ITERS of ITERATIONS when MAX_WALLCLOCK_SECONDS is 0. No LR warmup."""
+    """Linear warmdown over the last WARMDOWN_ITERS (on the wall clock from the step time, or of ITERATIONS)."""
     if cfg.warmdown_iters <= 0:
         return 1.0
     if cfg.max_wallclock_seconds <= 0:
@@ -1092,7 +1041,7 @@ class Logger:
     """Rank 0 writes each line to stdout and logs/<RUN_ID>.txt; other ranks stay silent."""
 
     def __init__(self, path: Path | None, is_main: bool):
-        self.path, self.is_main, self.bar = path, is_main, None
+        self.path, self.is_main = path, is_main
         if path and is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fh = open(path, "x", encoding="utf-8")  # never append a second run (run() refuses)
@@ -1103,10 +1052,7 @@ class Logger:
         if not self.is_main:
             return
         if console:
-            if self.bar is not None:
-                self.bar.write(msg)
-            else:
-                print(msg, flush=True)
+            print(msg, flush=True)
         if self.fh:
             self.fh.write(msg + "\n")
             self.fh.flush()
@@ -1117,7 +1063,7 @@ class Logger:
             self.fh = None
 
 
-class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow a SIGTERM
+class Interrupted(BaseException):
     pass
 
 
@@ -1143,7 +1089,7 @@ class EMA:
 
 
 def grad_accum_steps(cfg: Config, world: int) -> int:
-    """8 micro-steps per rank-world of 8 (the reference's rule), so the global batch is world-independent."""
+    """8 micro-steps over the world (the reference's rule): the global batch is world-independent."""
     if world > 8 or 8 % world:
         raise UserError(f"world size {world} must divide 8 (the global batch TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}"
                         " is split into 8 micro-batches): use 1, 2, 4 or 8 processes")
@@ -1171,7 +1117,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
             total += loss.detach() / accum
         return total
 
-    if cfg.warmup_steps:  # prime every graph and the allocator on real steps, then restore the initial state
+    if cfg.warmup_steps:  # prime the graphs, then undo
         init_model, init_opt, t_warm = copy.deepcopy(model.state_dict()), opt.state_dict(), clock()
         loader = DistributedLoader(cfg, rt)
         for ws in range(cfg.warmup_steps):
@@ -1184,7 +1130,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
             if cfg.warmup_steps <= 20 or (ws + 1) % 10 == 0 or ws + 1 == cfg.warmup_steps:
                 log(f"warmup_step:{ws + 1}/{cfg.warmup_steps}")
         model.qat = cfg.qat_enabled
-        if cfg.val_loss_every:  # the in-loop validation's graphs: one batch per rank of the same shape
+        if cfg.val_loss_every:
             rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
             evaluate_plain(model, ValData(val.tokens[: rows * rt.world_size * cfg.train_seq_len + 1], val.luts), cfg, rt)
         model.load_state_dict(init_model)
@@ -1194,10 +1140,6 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
     loader = DistributedLoader(cfg, rt)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
     model.qat = cfg.qat_enabled
-    bar = None
-    if rt.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = log.bar = tqdm(total=cfg.iterations, desc="train", unit="step", leave=False)
     train_ms, step, stop_after = 0.0, 0, False
     sync(rt)
     t0 = clock()
@@ -1226,7 +1168,7 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
             ema.update()
         step += 1
         elapsed = train_ms + 1000 * (clock() - t0)
-        # the step's one host sync: 2 if the loss is not finite (on any rank), else 1 once the time is up
+        # the step's one host sync
         flag = (~loss.isfinite()).float() * 2 + float(cfg.max_wallclock_seconds > 0 and
                                                       elapsed >= 1000 * cfg.max_wallclock_seconds)
         flag = all_reduce_(flag, dist.ReduceOp.MAX).item()
@@ -1234,20 +1176,13 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
             raise UserError(f"non-finite training loss ({loss.item()}) at step {step}: lower the learning rates "
                             "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
         reached = flag == 1
-        if bar is not None:
-            bar.update(1)
         if step <= 10 or step % max(cfg.train_log_every, 1) == 0 or step == cfg.iterations or \
                 (reached and not stop_after):  # the last training step is always logged
             log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr_mul=f"{mul:.3f}")
+                f"step_avg:{elapsed / step:.2f}ms")
         if reached and not stop_after:
             stop_after = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
-    if bar is not None:
-        bar.close()
-        log.bar = None
     model.qat = False
     if ema is not None:
         log("ema:applying EMA weights")
@@ -1272,7 +1207,7 @@ class ArtifactError(UserError):
 
 
 def unbank(sd: dict, L: int) -> dict:
-    """Banks -> per-layer 2-D matrices with the baseline's names (blocks.{i}.attn.c_q.weight, ...)."""
+    """Banks -> per-layer 2-D matrices (blocks.{i}.attn.c_q.weight, ...)."""
     out = {k: v for k, v in sd.items() if k not in BANK_NAMES}
     for bank, (lo, hi) in BANK_NAMES.items():
         for i in range(L):
@@ -1294,16 +1229,14 @@ def rebank(sd: dict, L: int) -> dict:
 
 
 def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linear") -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-qmax, qmax]; each row keeps the clip percentile with least error.
-    interpolation="higher" makes each clip an actual |w| of its row, so re-exporting dequantized weights is a
-    fixed point (int8); "linear" (int6) gives clips between the largest values, which the search can exploit."""
+    """Symmetric per-row quantization to [-qmax, qmax] at each row's least-error clip percentile."""
     w = w.float()
     a = w.abs()
     clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1, interpolation=interpolation) \
         if len(percentiles) > 1 or percentiles[0] < 1 else a.amax(dim=1)[None]
     best_q, best_s, best_err = None, None, None
     for clip in clips:
-        s = (clip / qmax).half().clamp_min(2.0 ** -24)  # clamp after the cast: a tiny clip must not round to 0
+        s = (clip / qmax).half().clamp_min(2.0 ** -24)
         q = (w / s.float()[:, None]).round().clamp(-qmax, qmax)
         err = (q * s.float()[:, None] - w).square().sum(1)
         if best_err is None:
@@ -1316,13 +1249,13 @@ def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linea
 
 
 def coarsen_rows(w: Tensor, s: Tensor, step: float) -> tuple[Tensor, Tensor]:
-    """int6 codes of w on a grid `step` times coarser than its per-row scales s (fp16, as stored)."""
+    """int6 codes of w on a grid `step` times coarser than its row scales s."""
     s = (s.float() * step).half().clamp_min(2.0 ** -24)
     return (w.float() / s.float()[:, None]).round().clamp(-31, 31).to(torch.int8), s
 
 
 def gptq_factors(H: Tensor) -> tuple[Tensor, Tensor]:
-    """(U, order) for H = X^T X (B,C,C): U the upper Cholesky factor of the damped H^-1 (README: GPTQ)."""
+    """(U, order) for H (B,C,C): U the upper Cholesky factor of the damped H^-1."""
     H = H.double().clone()
     d = H.diagonal(dim1=1, dim2=2)
     d += 0.01 * d.mean(1, keepdim=True) + (d == 0)  # a dead input is rounded to nearest
@@ -1336,7 +1269,7 @@ def gptq_codes(w: Tensor, s: Tensor, U: Tensor, p: Tensor, block: int = 128) -> 
     p = p[:, None, :].expand(w.shape)
     W = w.float().gather(2, p).transpose(1, 2).contiguous()  # (B,C,R): a column is contiguous
     s, Q = s.float(), torch.empty_like(W)
-    for a in range(0, W.size(1), block):  # errors go onto the block's next columns now, the rest per block
+    for a in range(0, W.size(1), block):
         b = min(a + block, W.size(1))
         for j in range(a, b):
             Q[:, j] = q = (W[:, j] / s).round().clamp(-31, 31)
@@ -1347,8 +1280,7 @@ def gptq_codes(w: Tensor, s: Tensor, U: Tensor, p: Tensor, block: int = 128) -> 
 
 
 def int6_codes(mats: dict, step: float, gptq: list = ()) -> dict:
-    """{name: (codes, scales)} of mats' (weight, scale) pairs at `step`: to nearest, or by GPTQ for the names in
-    gptq = [(names, U, order)] (names stacked over layers)."""
+    """{name: (codes, scales)} at `step`: to nearest, or by GPTQ for the names in gptq."""
     out = {k: coarsen_rows(w, s, step) for k, (w, s) in mats.items()}
     for ks, U, p in gptq:
         s = torch.stack([out[k][1] for k in ks])
@@ -1358,7 +1290,7 @@ def int6_codes(mats: dict, step: float, gptq: list = ()) -> dict:
 
 
 def gptq_kinds(names, hessians: dict) -> list:
-    """[(names, U, order)]: the named matrices grouped by kind (stacked over layers), with gptq_factors."""
+    """[(names, U, order)]: the matrices grouped by kind, with gptq_factors."""
     kinds = {}
     for k in names:
         kinds.setdefault(k.split(".", 2)[-1], []).append(k)  # blocks.{i}.attn.c_q.weight -> attn.c_q.weight
@@ -1366,7 +1298,7 @@ def gptq_kinds(names, hessians: dict) -> list:
 
 
 def int6_bits(mats: dict, step: float, gptq: list = ()) -> float:
-    """Order-0 entropy, in bits, of the int6 codes of every (weight, scale) pair in mats at a given step."""
+    """Order-0 entropy (bits) of the int6 codes of mats at `step`."""
     bits = 0.0
     for q, _ in int6_codes(mats, step, gptq).values():
         c = torch.bincount(q.view(-1).long() + 31, minlength=63).double()
@@ -1376,8 +1308,7 @@ def int6_bits(mats: dict, step: float, gptq: list = ()) -> float:
 
 
 class HessianRecorder(TorchFunctionMode):
-    """Adds X^T X (fp64) of the input of each F.linear with a weight in `weights` ({name: bank slice}) to h[name].
-    No hook sees bank slices passed as arguments: they are known by address (so fp32: a cast copies)."""
+    """Adds fp64 X^T X of the input of each F.linear with a weight in `weights` (by address) to h[name]."""
 
     def __init__(self, weights: dict):
         super().__init__()
@@ -1395,8 +1326,7 @@ class HessianRecorder(TorchFunctionMode):
 
 @torch.no_grad()
 def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
-    """{name: X^T X of the matrix's inputs, summed over ranks} on the first GPTQ_CALIB_SEQS sequences of the train
-    stream, split over ranks: the set does not depend on the world size."""
+    """{name: X^T X of its inputs, all-reduced} over the first GPTQ_CALIB_SEQS train sequences."""
     model.eval()
     T, (lo, hi) = cfg.train_seq_len, shard_range(cfg.gptq_calib_seqs, rt.rank, rt.world_size)
     if hi > lo:
@@ -1410,7 +1340,7 @@ def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
 
 
 def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
-    """int6 (attn/mlp matrices), int8 (embeddings), fp16 passthrough (<= 65,536 elements). Returns (arrays, meta)."""
+    """int6 (attn/mlp), int8 (embeddings), fp16 (small tensors): (arrays, meta)."""
     keep32 = tuple(p for p in cfg.control_tensor_name_patterns.split(",") if p)
     arrays, meta = {}, {}
     for name, t in unbank(sd, cfg.num_layers).items():
@@ -1452,8 +1382,7 @@ def _compressors() -> dict:
 
 
 def pack_artifact(arrays: dict, meta: dict, arch: dict, only: str = "") -> tuple[bytes, str, dict]:
-    """Serialize and compress with every available compressor (or `only` that one); keep the smallest.
-    Returns (blob, method, sizes)."""
+    """Compress with every available compressor (or `only`); keep the smallest: (blob, method, sizes)."""
     header = json.dumps({"meta": meta, "arch": arch,
                          "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}).encode()
     payload = len(header).to_bytes(4, "little") + header + b"".join(np.ascontiguousarray(v).tobytes()
@@ -1508,7 +1437,7 @@ def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, dict, di
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, rename: a crash never leaves a partial file in place."""
+    """Temp name, fsync, rename: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -1523,16 +1452,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def model_budget(cfg: Config, code_bytes: int) -> int:
-    """Model bytes allowed by ARTIFACT_TARGET_BYTES next to `code_bytes` of code (0: no limit, or none reachable)."""
+    """Model bytes left by ARTIFACT_TARGET_BYTES after the code (0: no limit)."""
     return max(cfg.artifact_target_bytes - code_bytes, 0)
 
 
 def export_model(model: GPT, cfg: Config, budget: int = 0, hessians: dict | None = None
                  ) -> tuple[bytes, str, dict, float]:
-    """Quantize (int6 by GPTQ given hessians, else to nearest) and compress. Over `budget` model bytes (0: no
-    limit), every int6 matrix moves to a grid `step` times coarser than its clip search chose, with one step for
-    all: the step whose predicted size (the int6 codes' order-0 entropy, anchored on the last measured size) fits,
-    then measured with the chosen compressor only; up to 4 tries. Returns (blob, method, sizes at step 1, step)."""
+    """Quantize and compress; over `budget` bytes, every int6 matrix moves to one coarser grid `step` (predicted
+    by entropy, then measured). Returns (blob, method, sizes at step 1, step)."""
     sd = model.state_dict()
     arrays, meta = quantize_state(sd, cfg)
     arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
@@ -1553,13 +1480,13 @@ def export_model(model: GPT, cfg: Config, budget: int = 0, hessians: dict | None
             break
         need, base = 8 * (len(blob) - goal), int6_bits(mats, step, gptq)
         lo, hi = step, 32.0
-        for _ in range(20):  # bisection on the predicted saving; every step >= hi saves at least `need` bits
+        for _ in range(20):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if base - int6_bits(mats, mid, gptq) >= need else (mid, hi)
         step = hi
         set_codes(step)
         coarser = pack_artifact(arrays, meta, arch, only=method)[0]
-        if len(coarser) >= len(blob):  # no saving: keep the finer grid (the caller reports the misfit)
+        if len(coarser) >= len(blob):
             step = prev
             break
         blob, prev = coarser, step
@@ -1576,7 +1503,7 @@ def export_ranks(model: GPT, cfg: Config, rt: Runtime, budget: int, hessians: di
 
 
 def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
-    """A fresh model from an artifact file; its architecture overrides the config's shape fields."""
+    """A fresh model from an artifact; its architecture overrides the config's."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
@@ -1604,9 +1531,7 @@ class ValData:
 
 
 def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over n target positions: (start, length, score_from). Window 0 scores all its positions;
-    each later one scores the `stride` positions after the previous one, the last window is shifted back to end
-    at n so every window keeps full context. Every position in [0, n) is scored exactly once."""
+    """Sliding windows over n targets: (start, length, score_from); every target scored once."""
     if n <= seq_len:
         return [(0, n, 0)]
     plan, end = [(0, seq_len, 0)], seq_len
@@ -1618,8 +1543,7 @@ def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
 
 
 def pass_batch(n_windows: int, batch_seqs: int, world: int) -> int:
-    """Windows per scoring batch of a pass: every batch has as many (the last one padded), so a compiled pass has
-    one shape."""
+    """Windows per scoring batch: the same for every batch of a pass (the last padded)."""
     return min(batch_seqs, -(-n_windows // world))
 
 
@@ -1634,11 +1558,8 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def slot_weights(los: Tensor, T: int, mode: str, context: int) -> Tensor:
-    """What SLOT fits on, as loss weights per row that sum to 1 in each group (0: not fitted), for windows of length
-    T whose first scored positions are `los` (T: a padding window, which fits and scores nothing).
-    batch (the seed; one delta shared by the batch: NOT causal): every position but the last of every window, one
-    group of B*T rows in window order. causal: one group per window, its last `context` positions before its first
-    scored one (all if 0); window 0 has none. Returns (G, N) with G*N = B*T."""
+    """SLOT fit weights (G,N), G*N = B*T, summing to 1 per group, for windows with first scored positions `los`
+    (T: padding). batch (NOT causal): one group. causal: per window, `context` (0: all) positions before los."""
     pos, lo = torch.arange(T, device=los.device)[None, :], los[:, None]
     if mode == "batch":
         fit = (pos < T - 1) & (lo < T)
@@ -1653,19 +1574,11 @@ def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
 
 
 def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW (torch.optim.AdamW's rule) on one hidden-state delta per group g, minimising sum_r wt[g,r] *
-    CE(softcap(z[g,r] + W delta_g), y[g,r]). z: (G,N,V) raw logits, cached (a step never runs the trunk nor the
-    head matmul), y: (G,N) targets, wt: (G,N) row weights (slot_weights). Returns (G,D) in z's dtype.
-
-    Dense, no atomics, no loop over rows: with P = exp(-2z/c) once and Q = exp(-2 W delta/c) per step,
-    s = sigmoid(2(z + W delta)/c) = 1/(1 + PQ), the softmax of the softcap is that of 2cs, e = exp(2c(s - 1)) needs
-    no max (s <= 1), and softcap' = 4s(1 - s). Every sum runs over one group's own rows or one delta's own entries,
-    so groups never interact: a group's delta is the same bits whatever the other groups hold. (Fitted alone it
-    agrees to rounding: a BLAS product's rounding depends on its number of rows. Written as reductions instead, the
-    two products were 2-3x slower compiled: inductor inlined the whole AdamW chain into them.)"""
+    """AdamW on one delta per group: min sum_r wt[g,r] CE(softcap(z + W delta_g), y). z: (G,N,V) raw logits.
+    sigmoid(2(z + W delta)/c) = 1/(1 + PQ), P = exp(-2z/c), Q = exp(-2 W delta/c): dense, sums within groups."""
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
     W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
-    P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # clamped so that PQ stays finite (s moves by < e^-43)
+    P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # PQ stays finite
     hot = y.int()[..., None] == torch.arange(z.size(-1), device=z.device, dtype=torch.int32)  # int32: cheaper
     delta = z.new_zeros(z.size(0), W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -1681,9 +1594,7 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tenso
 
 
 def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bool) -> tuple[Tensor, Tensor | None]:
-    """The head on a batch of windows' hidden states h (B,T,D): per-position NLL (B,T) of the model ("plain") and,
-    with slot, of the model with the fitted delta added to h (the same hidden states). Dense over every position
-    with static shapes, so that torch.compile makes one graph of a few fused kernels per pass."""
+    """Per-position NLL (B,T) of the head on h (B,T,D): plain and, with slot, with the fitted delta."""
     z = F.linear(h, W)
     plain = softcap_nll(z, y, cfg.logit_softcap)
     if not slot:
@@ -1696,9 +1607,7 @@ def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bo
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
                 slot: bool) -> tuple[Tensor, dict]:
-    """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: (B,T) fp64 NLL, 0 where not
-    scored}): dense, so that nothing waits on the host. Variant "plain" is the model as is; "slot" adds the fitted
-    delta. The head runs in fp32 (bf16 trunk)."""
+    """One trunk pass: (scored mask (B,T), {variant: (B,T) fp64 NLL, 0 where unscored})."""
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
@@ -1710,8 +1619,7 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
 
 def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
                     rt: Runtime) -> None:
-    """Train on positions [lo, hi) (all already scored): TTT_EPOCHS passes over non-overlapping rows split across
-    ranks, grads averaged over ranks, clipped, SGD."""
+    """TTT on positions [lo, hi), all already scored: TTT_EPOCHS of SGD, rows split over ranks."""
     rows = ttt_rows(lo, hi, cfg.eval_seq_len)
     a, b = shard_range(len(rows), rt.rank, rt.world_size)
     mine = rows[a:b]
@@ -1733,7 +1641,7 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
                 with amp_ctx(rt):
                     loss = fwd(xy[:, :-1], xy[:, 1:], nll)
                 (loss * (len(starts) * n / max(total, 1))).backward()
-            for p in params:  # average over ranks (ranks with no rows contribute zero)
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             if rt.world_size > 1:
@@ -1756,9 +1664,8 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
 def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: int, stride: int, batch_seqs: int,
               slot: bool, ttt: bool, collect: bool = False, log: Logger | None = None, label: str = "",
               rank: int | None = None, world: int | None = None) -> dict:
-    """One left-to-right scoring pass. Without TTT: sliding windows. With TTT: the windows are grouped in chunks
-    of TTT_CHUNK_TOKENS; each chunk is scored first (inference mode), then trained on, except the last.
-    Returns {variant: {"nll", "tokens", "bytes", "loss", "bpb"}} (+ "nll_stream" per variant when collect)."""
+    """One left-to-right scoring pass: sliding windows; with TTT, each chunk scored, then trained on (but the
+    last). Returns {variant: {nll, tokens, bytes, loss, bpb}}."""
     rank = rt.rank if rank is None else rank
     world = rt.world_size if world is None else world
     tokens = val.tokens
@@ -1770,8 +1677,8 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
     for w, ch in zip(plan, window_chunks(plan, C)):
         by_chunk[min(ch, n_chunks - 1)].append(w)
     variants = ["plain"] + (["slot"] if slot else [])
-    ctw = cfg.ctw_weight > 0  # CTW_WEIGHT=0: nothing below is computed, no variant added (bit-identical)
-    if ctw:  # one causal CTW pass over the whole stream, indexed by the scored positions; adds ctw / slot_ctw
+    ctw = cfg.ctw_weight > 0
+    if ctw:
         t_ctw = time.perf_counter()
         ctw_lp = ctw_log_probs(tokens.to(rt.device), cfg.vocab_size, cfg.ctw_depth, cfg.ctw_alpha)
         variants += [ctw_variant(v) for v in variants]
@@ -1809,7 +1716,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
         mine = wins[a:b]
         for bi in range(0, len(mine), B):
             batch = mine[bi: bi + B]
-            T, pad = batch[0][1], B - len(batch)  # padding windows repeat the first one, fit and score nothing
+            T, pad = batch[0][1], B - len(batch)  # padding: fits and scores nothing
             idx = torch.tensor([ws for ws, _, _ in batch] + [batch[0][0]] * pad)[:, None] + torch.arange(T + 1)
             xy = tokens[idx].to(rt.device)
             x, y = xy[:, :-1], xy[:, 1:]
@@ -1850,7 +1757,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
 
 
 def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
-    """Non-overlapping TRAIN_SEQ_LEN rows, every target once (diagnostic and the roundtrip score)."""
+    """Non-overlapping TRAIN_SEQ_LEN rows, every target once."""
     rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
     r = eval_pass(model, val, dataclasses.replace(cfg, ctw_weight=0.0), rt, seq_len=cfg.train_seq_len,
                   stride=cfg.train_seq_len, batch_seqs=rows, slot=False, ttt=False)["plain"]
@@ -1864,8 +1771,7 @@ def final_variant(cfg: Config) -> str:
 
 
 def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
-    """NLL (float64) of every target tokens[1:], in stream order, by the final evaluation's code path (sliding
-    windows, TTT and SLOT as configured) on one process. The model's weights are left as they were."""
+    """float64 NLL of every target tokens[1:], by the final evaluation's path on one process."""
     device = next(model.parameters()).device
     amp = cfg.amp and (device.type == "cuda" or cpu_bf16_is_fast())  # as setup_runtime decides it
     rt = Runtime(device=device, amp=amp, compile=False, compile_head=cfg.compile_head)
@@ -1876,8 +1782,7 @@ def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
 
 
 def stage_compliance(variant: str, cfg: Config) -> str:
-    """'causal' when every scored distribution depends only on the artifact and the strict prefix (C1-C4).
-    A CTW mixture (ctw, slot_ctw) is as causal as its base variant: the CTW model itself is causal."""
+    """'causal' when every scored distribution depends only on the artifact and the strict prefix."""
     variant = "plain" if variant == "ctw" else variant.removesuffix("_ctw")
     if variant == "slot" and cfg.slot_mode == "batch":
         return "non-causal"
@@ -1885,8 +1790,7 @@ def stage_compliance(variant: str, cfg: Config) -> str:
 
 
 def _sorted_groups(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable sort of keys: (order, first) where first[i] is the sorted index where sorted entry i's group starts.
-    Within a group the sorted entries are in stream order (stable), so i - first[i] = earlier occurrences."""
+    """Stable sort: (order, first), first[i] = where sorted entry i's group starts."""
     order = torch.argsort(keys, stable=True)
     sk = keys[order]
     idx = torch.arange(keys.numel(), device=keys.device)
@@ -1904,8 +1808,7 @@ def _earlier_count(keys: Tensor) -> Tensor:
 
 
 def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
-    """For each position t: the sum of v over positions < t in t's group (segmented exclusive scan by doubling:
-    log2(largest group) vectorised steps, each sum accumulated within its own group only)."""
+    """Per position: sum of v over earlier positions of its group (segmented scan by doubling)."""
     sv = v[order]
     idx = torch.arange(v.numel(), device=v.device)
     acc = torch.zeros_like(sv)
@@ -1923,22 +1826,8 @@ def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
 
 
 def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) -> Tensor:
-    """Context Tree Weighting over the token stream: float64 log p_ctw(tokens[t] | tokens[:t]) for t = 1..N.
-
-    Tree: the node of order j for target t is its previous j tokens (positions before the stream start read as a
-    pad symbol `vocab`, so every target has a full path of depth `depth`). Node ids are exact (no hashing, any
-    depth and vocab): id_j = rank of the pair (id_{j-1}, token j back) among all pairs, so id_j < N.
-    Each node predicts with a Dirichlet (add-alpha) estimator (n(s,y) + alpha) / (n(s) + vocab * alpha), counts
-    over EARLIER targets of the stream only; alpha = 1/2 is KT, alpha = 0 means 1/vocab (Perks: total prior mass
-    1, far sharper than KT on a 1024-token alphabet where a context seen once should already predict its
-    continuation). Weighting (CTW, multi-alphabet), with e_j the estimator at the order-j node: leaf p_D = e_D;
-    for j < D, p_j(y) = w_j e_j(y) + (1 - w_j) p_{j+1}(y) with w_j = beta_j / (1 + beta_j), log beta_j(s) = sum
-    over earlier targets through node s of log e_j(y) - log p_{j+1}(y) (beta = 1 for a fresh node): the weights
-    come from past data only. This is sequential CTW
-    (P_w = 1/2 P_e + 1/2 prod P_w(children)) exactly; every p_j is a convex mixture of normalised distributions,
-    so p_ctw = p_0 is normalised over the whole vocabulary. Vectorised: per order two stable sorts and a
-    segmented scan, no Python loop over tokens. Causal by construction: entry i (target tokens[i+1]) depends on
-    tokens[:i+1] only (its context, and counts and weights accumulated over the earlier targets)."""
+    """Context Tree Weighting (README: CTW): float64 log p(tokens[t] | tokens[:t]), t = 1..N. Vectorised (sorts
+    and segmented scans); causal: counts and weights come from earlier targets only."""
     s = tokens.long()
     n, dev = s.numel() - 1, s.device
     alpha = alpha or 1.0 / vocab
@@ -1967,19 +1856,17 @@ def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) ->
 
 
 def ctw_variant(v: str) -> str:
-    """Name of the CTW-mixed variant of a scoring variant: plain -> ctw, slot -> slot_ctw."""
+    """plain -> ctw, slot -> slot_ctw."""
     return "ctw" if v == "plain" else v + "_ctw"
 
 
 def ctw_mix(nll: Tensor, ctw_lp: Tensor, w: float) -> Tensor:
-    """NLL under the linear mixture (1 - w) p_model + w p_ctw (fixed weight w = CTW_WEIGHT in (0, 1)); a convex
-    mix of two normalised distributions over the vocabulary is normalised. Computed stably in log space."""
+    """NLL under (1 - w) p_model + w p_ctw, in log space."""
     return -torch.logaddexp(math.log1p(-w) - nll, math.log(w) + ctw_lp.to(nll.dtype))
 
 
 def estimate_eval_seconds(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> float:
-    """Extrapolate the sliding and TTT passes from one timed scoring batch of the sliding pass's shape, through the
-    same compiled functions (its compile, on the first call, is the pass's own; forward ~1/3 of a train step)."""
+    """Extrapolate the sliding and TTT passes from one timed scoring batch."""
     n = val.tokens.numel() - 1
     T, windows = min(cfg.eval_seq_len, n), len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
     B = pass_batch(windows, cfg.eval_batch_seqs, rt.world_size)
@@ -2006,14 +1893,14 @@ def run(env: dict) -> dict:
     cfg = Config.from_env(env)
     run_id = cfg.run_id or str(uuid.uuid4())
     out_dir = Path(cfg.out_dir)
-    if (out_dir / f"{run_id}.txt").exists():  # every rank checks before the collective init: all refuse or none
+    if (out_dir / f"{run_id}.txt").exists():
         raise UserError(f"{out_dir / (run_id + '.txt')} exists (an earlier run with RUN_ID={run_id}): set another "
                         "RUN_ID, or unset it for a fresh one")
     rt = setup_runtime(cfg, env)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
-    source = Path(__file__).read_bytes()  # the file that runs (maybe a packed wrapper), measured once: its bytes count
+    source = Path(__file__).read_bytes()
     log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
     try:
         return _run(cfg, rt, env, run_id, out_dir, loaded, source, log)
@@ -2174,7 +2061,7 @@ def main(env=None) -> int:
     except UserError as e:
         if debug:
             raise
-        if env.get("RANK", "0") == "0":  # every rank hits the same user error: rank 0 reports it once
+        if env.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
