@@ -714,7 +714,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.proj = proj(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -724,11 +724,16 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.embed(h.long()))
 
 
+def proj(dim: int, out: int) -> nn.Module:
+    """The reference's rule: a projection only between different widths."""
+    return nn.Linear(dim, out, bias=False) if dim != out else nn.Identity()
+
+
 class ValueEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = proj(dim, kv_dim)
         self.scale = nn.Parameter(torch.tensor(0.1))
         self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
 
@@ -810,12 +815,11 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(bank[j])
             self.qo_bank[L:].zero_()
             self.mlp_down_bank.zero_()
-        if self.bigram is not None:
-            nn.init.zeros_(self.bigram.embed.weight)
-            nn.init.orthogonal_(self.bigram.proj.weight)  # as the reference
-        if self.ve_shared is not None:
-            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
-            nn.init.orthogonal_(self.ve_shared.proj.weight)
+        for m, init in ((self.bigram, nn.init.zeros_), (self.ve_shared, lambda w: nn.init.normal_(w, std=0.01))):
+            if m is not None:
+                init(m.embed.weight)
+                if isinstance(m.proj, nn.Linear):  # orthogonal as the reference (its generic pass overrides zeros)
+                    nn.init.orthogonal_(m.proj.weight)
         if self.lm_head is not None:
             nn.init.orthogonal_(self.lm_head.weight)
 

@@ -51,17 +51,26 @@ def test_param_count_competition_preset_is_the_seeds(tg):
     assert shapes["skip_weights"] == (5, 512)
 
 
+def test_cpu_preset_is_the_reference_model(tg):
+    """At the CPU preset VE_DIM equals the KV width (128): no VE projection, as the reference, whose CPU copy has
+    2,986,772 parameters at these shapes (../shared/anchors/README.md)."""
+    model = tg.GPT(tg.Config.from_env({"PRESET": "cpu"}))
+    assert tg.count_params(model) == 2_986_772
+    assert isinstance(model.ve_shared.proj, torch.nn.Identity) and isinstance(model.bigram.proj, torch.nn.Linear)
+
+
 def test_param_count_formula_on_tiny_configs(tg):
-    for kw in (dict(), dict(tie_embeddings=False), dict(bigram_vocab_size=0), dict(ve_enabled=False)):
+    for kw in (dict(), dict(tie_embeddings=False), dict(bigram_vocab_size=0), dict(ve_enabled=False),
+               dict(ve_dim=16, bigram_dim=32)):  # equal widths: no projection (the reference's rule)
         cfg = tiny_cfg(tg, **kw)
         L, D, V, kv, M = cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_dim
         n = V * D + D + min(L // 2, L - L // 2) * D  # tok_emb, smear, skip_weights
         n += 2 * L * D * D + 2 * L * kv * D + 2 * L * M * D  # banks
         n += L * (cfg.num_heads + 4 * D)  # q_gain, attn/mlp scales, resid_mix
         if cfg.bigram_vocab_size:
-            n += cfg.bigram_vocab_size * cfg.bigram_dim + cfg.bigram_dim * D + 1
+            n += cfg.bigram_vocab_size * cfg.bigram_dim + cfg.bigram_dim * D * (cfg.bigram_dim != D) + 1
         if cfg.ve_enabled and cfg.ve_layers:
-            n += V * cfg.ve_dim + cfg.ve_dim * kv + 1 + len(cfg.ve_layers)
+            n += V * cfg.ve_dim + cfg.ve_dim * kv * (cfg.ve_dim != kv) + 1 + len(cfg.ve_layers)
         if not cfg.tie_embeddings:
             n += V * D
         assert tg.count_params(tg.GPT(cfg)) == n, kw
