@@ -246,19 +246,19 @@ PRESET_VALUES = {
 
 # Names the reference reads that we do not implement: None = any value is ignored, else only these are accepted.
 RETIRED_VARS = {
-    "SWA_ENABLED": (None, "SWA is never applied in #549 (dead code); EMA is what is exported"),
-    "SWA_EVERY": (None, "SWA is never applied in #549 (dead code)"),
-    "LAWA_ENABLED": (("0",), "LAWA was removed: off in #549"),
-    "LAWA_K": (None, "LAWA was removed"),
-    "LAWA_FREQ": (None, "LAWA was removed"),
-    "MUON_BETA2": (None, "read but unused by #549's Muon"),
-    "DTG_ENABLED": (("0",), "the DTG gate was removed: off in #549"),
-    "GATED_ATTENTION": (("0",), "gated attention was removed: off in #549"),
-    "VALUE_RESIDUAL": (("0",), "value residual was removed: off in #549"),
-    "MTP_NUM_HEADS": (("0",), "MTP heads were removed: off in #549"),
-    "MTP_LOSS_WEIGHT": (None, "MTP heads were removed"),
-    "GPTQ_CALIB": (("train",), "self-sampled calibration was removed: no better than train tokens, and slower"),
-    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "no large control tensor exists; CONTROL_TENSOR_NAME_PATTERNS rules"),
+    "SWA_ENABLED": (None, "dead code in #549: EMA is exported"),
+    "SWA_EVERY": (None, "dead code in #549"),
+    "LAWA_ENABLED": (("0",), "off in #549"),
+    "LAWA_K": (None, "off in #549"),
+    "LAWA_FREQ": (None, "off in #549"),
+    "MUON_BETA2": (None, "unused in #549"),
+    "DTG_ENABLED": (("0",), "off in #549"),
+    "GATED_ATTENTION": (("0",), "off in #549"),
+    "VALUE_RESIDUAL": (("0",), "off in #549"),
+    "MTP_NUM_HEADS": (("0",), "off in #549"),
+    "MTP_LOSS_WEIGHT": (None, "off in #549"),
+    "GPTQ_CALIB": (("train",), "self-sampling was deleted: no better, slower"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "see CONTROL_TENSOR_NAME_PATTERNS"),
 }
 FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG",
                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
@@ -306,7 +306,7 @@ def _format_value(v) -> str:
 
 
 def env_warnings(env) -> list[str]:
-    """Notes for unknown env vars that look like ours (typos) and for retired names."""
+    """Notes for unknown env vars that look like ours, and for retired names."""
     known = {f.name.upper() for f in fields(Config)}
     out = []
     for name in sorted(env):
@@ -347,7 +347,7 @@ class Runtime:
         return dist.is_available() and dist.is_initialized()
 
     def fn(self, f):
-        """f compiled (static shapes, fullgraph) with COMPILE or COMPILE_HEAD, else f."""
+        """f compiled (static, fullgraph) with COMPILE or COMPILE_HEAD, else f."""
         if not self.compile_head:
             return f
         if f not in self._fns:
@@ -356,7 +356,7 @@ class Runtime:
 
 
 def setup_runtime(cfg: Config, env) -> Runtime:
-    """The only reader of torchrun's variables: device, attention kernel, process group. TF32 stays off."""
+    """The only reader of torchrun's variables: device, attention kernel, process group."""
     if cfg.device == "cuda" or (not cfg.device and torch.version.cuda):
         if not torch.cuda.is_available():
             raise UserError(cuda_problem() + ("" if cfg.device else ": set DEVICE=cpu to run on the CPU on purpose"))
@@ -396,7 +396,7 @@ def cuda_problem() -> str:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention, (B,T,H,D) q, (B,T,Hkv,D) k/v: flash-attn (bf16, CUDA) if loaded, else SDPA."""
+    """Causal GQA attention on (B,T,H,D): flash-attn (bf16, CUDA) if loaded, else SDPA."""
     if _flash and q.is_cuda and q.dtype == torch.bfloat16:
         name, fn = _flash[0]
         y = fn(q, k, v, causal=True)
@@ -408,12 +408,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return y
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """SDPA with K/V heads repeated (enable_gqa is flash-kernel only: fp32 would fall to the T x T math kernel)."""
-    r = q.size(2) // k.size(2)
-    k, v = (t.repeat_interleave(r, dim=2) if r > 1 else t for t in (k, v))
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=mask is None)
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal SDPA; on CUDA with K/V heads repeated (enable_gqa is flash-kernel only there: fp32 would fall to
+    the T x T math kernel, and cuDNN would be ineligible)."""
+    if q.is_cuda:
+        k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -423,7 +424,7 @@ ATTN_CALLS: dict = {}  # 0-dim counts per backend
 
 
 def load_flash_attn(device, head_dim: int = 64) -> None:
-    """flash-attn 3, else 2: the first that imports and matches SDPA once; else noted in FLASH_NOTES."""
+    """flash-attn 3, else 2: the first that imports and matches SDPA once."""
     _flash.clear()
     for name, module in (("flash_attn_3", "flash_attn_interface"), ("flash_attn_2", "flash_attn")):
         try:
@@ -450,7 +451,7 @@ def load_flash_attn(device, head_dim: int = 64) -> None:
 
 
 def cpu_bf16_is_fast() -> bool:
-    """bf16 matmul beats fp32 only with avx512_bf16/AMX: read from the CPU's flags (a timing can flip)."""
+    """bf16 matmul beats fp32 only with avx512_bf16/AMX (CPU flags: a timing can flip)."""
     try:
         return not {"avx512_bf16", "amx_bf16"}.isdisjoint(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -478,7 +479,7 @@ def maybe_compile(fn, rt: Runtime):
 
 
 def train_loss_fn(model, rt: Runtime):
-    """(forward, nll): the compiled model, or the eager model with the CE compiled alone (COMPILE_HEAD)."""
+    """(forward, nll): the compiled model, or the eager model and the compiled CE."""
     return (maybe_compile(model, rt), None) if rt.compile else (model, rt.fn(softcap_nll))
 
 
@@ -490,7 +491,7 @@ def peak_memory_mb(rt: Runtime) -> float:
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous split of n items over world ranks: rank r gets [n*r//w, n*(r+1)//w)."""
+    """Contiguous split of n items over world ranks."""
     return n * rank // world, n * (rank + 1) // world
 
 
@@ -576,7 +577,7 @@ def load_val_tokens(cfg: Config) -> Tensor:
 
 
 class TokenStream:
-    """The train shards in order, wrapping forever (the same stream on every rank)."""
+    """The train shards in order, wrapping forever."""
 
     def __init__(self, files: list[str], vocab_size: int):
         if not files:
@@ -683,16 +684,22 @@ def fake_quant_int6(w: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head; NTK scaling keys on 1024 as the reference (quirk kept)."""
+    """Partial RoPE on the first `dims` dims of each head; NTK base keyed on 1024 (quirk kept). The run's
+    lengths' tables are buffers: in a compiled graph inductor would redo fp64 cos/sin in every RoPE kernel."""
 
     NTK_LEN = 1024
 
-    def __init__(self, dims: int, base: float):
+    def __init__(self, dims: int, base: float, lengths=()):
         super().__init__()
         self.dims, self.base = dims, base
+        for T in set(lengths):
+            for n, t in zip("cs", self.tables(T, None)):
+                self.register_buffer(f"{n}{T}", t, persistent=False)
 
     def tables(self, T: int, device) -> tuple[Tensor, Tensor]:
-        """(cos, sin), fp32 (T, dims/2), for a sequence of T positions (T sets the NTK base)."""
+        """(cos, sin), fp32 (T, dims/2) (T sets the NTK base)."""
+        if hasattr(self, f"c{T}"):
+            return getattr(self, f"c{T}"), getattr(self, f"s{T}")
         base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
         inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64, device=device) / self.dims)
         ang = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv)
@@ -708,7 +715,7 @@ class Rotary(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (prev, cur) token-pair embedding; position 0 uses the last bucket (quirk kept)."""
+    """Hashed (prev, cur) token-pair embedding; position 0 uses the last bucket."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -756,9 +763,8 @@ class Block(nn.Module):
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve):
-        """bf16 everywhere under AMP, whatever autocast's op lists say: q/k norm, RoPE, attention in the autocast
-        dtype (CUDA autocast runs rms_norm in fp32: AT_FORALL_FP32, ATen/autocast_mode.h, torch 2.13), XSA in
-        fp32, relu^2 as u*u."""
+        """bf16 under AMP whatever autocast's op lists say (CUDA runs rms_norm in fp32: AT_FORALL_FP32 in
+        ATen/autocast_mode.h, torch 2.13): q/k norm, RoPE, attention in the autocast dtype, XSA in fp32."""
         B, T, D = x.shape
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln
@@ -802,7 +808,7 @@ class GPT(nn.Module):
         self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
         self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv, len(self.ve_layers)) if self.ve_layers else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, V, bias=False)
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, (cfg.train_seq_len, cfg.eval_seq_len))
         self.qat = False
         self._init_weights()
 
@@ -827,7 +833,7 @@ class GPT(nn.Module):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
 
     def forward_hidden(self, ids: Tensor) -> Tensor:
-        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks."""
+        """(B,T) ids -> (B,T,D) final hidden state. The only walk over the blocks."""
         L = self.cfg.num_layers
         qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.training and self.qat else self.banks()
         x = self.tok_emb(ids)
@@ -852,7 +858,7 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def raw_logits(self, h: Tensor) -> Tensor:
-        """(…,D) -> (…,V) fp32 logits before the softcap (linear in h: SLOT relies on it)."""
+        """(…,D) -> (…,V) fp32 logits before the softcap (linear in h)."""
         return F.linear(h.float(), self.head_weight().float())
 
     def softcap(self, z: Tensor) -> Tensor:
@@ -864,13 +870,13 @@ class GPT(nn.Module):
         return self.softcap(self.raw_logits(h))
 
     def forward(self, ids: Tensor, targets: Tensor, nll=None) -> Tensor:
-        """Mean training CE: the head matmul in the autocast dtype, the softcapped CE in fp32 (`nll`: compiled)."""
+        """Mean training CE: head matmul in the autocast dtype, softcapped CE in fp32."""
         z = F.linear(self.forward_hidden(ids), self.head_weight())
         return (nll or softcap_nll)(z, targets, self.cfg.logit_softcap).mean()
 
 
 def softcap_nll(z: Tensor, y: Tensor, c: float) -> Tensor:
-    """Per-row CE of c*tanh(z/c) in fp32, as 2c*sigmoid(2z/c) (softmax ignores c): one fused kernel compiled."""
+    """Per-row CE of c*tanh(z/c) in fp32, as 2c*sigmoid(2z/c) (softmax ignores c)."""
     a = torch.sigmoid(wide(z) * (2 / c)) * (2 * c)
     return F.cross_entropy(a.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
@@ -884,7 +890,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
-    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices in `dtype`."""
+    """Quintic Newton-Schulz orthogonalization of (N, r, c) matrices in `dtype`."""
     a, b, c = NS_COEFFS
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
@@ -898,7 +904,7 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
 
 
 class ParallelMuon:
-    """Muon on the banks, sharded: reduce-scatter grads, Newton-Schulz on the shard, all-gather updates."""
+    """Muon on the banks, sharded over ranks (reduce-scatter, Newton-Schulz, all-gather)."""
 
     def __init__(self, banks: list[nn.Parameter], cfg: Config, rt: Runtime):
         self.banks, self.cfg, self.rt = banks, cfg, rt
@@ -962,7 +968,7 @@ class ParallelMuon:
 
 
 class Optimizers:
-    """Muon for the banks, AdamW for the rest; grads averaged over ranks, then clipped."""
+    """Muon for the banks, AdamW for the rest; grads averaged, then clipped."""
 
     def __init__(self, model: GPT, cfg: Config, rt: Runtime):
         self.model, self.cfg, self.rt = model, cfg, rt
@@ -989,7 +995,7 @@ class Optimizers:
         self.muon.momentum = muon_momentum_at(step, self.cfg)
 
     def step(self) -> Tensor:
-        """Average grads, clip by the global norm, step: no host sync. Returns the grad norm (0-dim tensor)."""
+        """Average, clip, step: no host sync. Returns the grad norm (0-dim tensor)."""
         self.muon.launch()
         grads = [p.grad for p in self.replicated if p.grad is not None]
         for params, dt in self.comm if self.rt.world_size > 1 else ():
@@ -1029,7 +1035,7 @@ def muon_momentum_at(step: int, cfg: Config) -> float:
 
 
 def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
-    """Linear warmdown over the last WARMDOWN_ITERS (on the wall clock from the step time, or of ITERATIONS)."""
+    """Linear warmdown over the last WARMDOWN_ITERS (estimated on the wall clock)."""
     if cfg.warmdown_iters <= 0:
         return 1.0
     if cfg.max_wallclock_seconds <= 0:
@@ -1042,7 +1048,7 @@ def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
 
 # ---- train ----
 class Logger:
-    """Rank 0 writes each line to stdout and logs/<RUN_ID>.txt; other ranks stay silent."""
+    """Rank 0 prints each line and appends it to the log file."""
 
     def __init__(self, path: Path | None, is_main: bool):
         self.path, self.is_main = path, is_main
@@ -1093,7 +1099,7 @@ class EMA:
 
 
 def grad_accum_steps(cfg: Config, world: int) -> int:
-    """8 micro-steps over the world (the reference's rule): the global batch is world-independent."""
+    """8 micro-steps over the world (as the reference): the global batch is world-independent."""
     if world > 8 or 8 % world:
         raise UserError(f"world size {world} must divide 8 (the global batch TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}"
                         " is split into 8 micro-batches): use 1, 2, 4 or 8 processes")
@@ -1105,7 +1111,7 @@ def grad_accum_steps(cfg: Config, world: int) -> int:
 
 
 def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clock=time.perf_counter) -> dict:
-    """Wall-clock-budgeted training; returns {steps, train_seconds}. EMA weights are applied at the end."""
+    """Wall-clock-budgeted training, EMA applied at the end: {steps, train_seconds}."""
     accum = grad_accum_steps(cfg, rt.world_size)
     local_tokens = cfg.train_batch_tokens // (rt.world_size * accum)
     fwd, nll = train_loss_fn(model, rt)
@@ -1233,7 +1239,7 @@ def rebank(sd: dict, L: int) -> dict:
 
 
 def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linear") -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-qmax, qmax] at each row's least-error clip percentile."""
+    """Symmetric per-row quantization at each row's least-error clip percentile."""
     w = w.float()
     a = w.abs()
     clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1, interpolation=interpolation) \
@@ -1269,7 +1275,7 @@ def gptq_factors(H: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gptq_codes(w: Tensor, s: Tensor, U: Tensor, p: Tensor, block: int = 128) -> Tensor:
-    """int6 codes (float) of w (B,R,C) on row grids s (B,R) by GPTQ, columns in order p."""
+    """int6 codes of w (B,R,C) on row grids s (B,R) by GPTQ, columns in order p."""
     p = p[:, None, :].expand(w.shape)
     W = w.float().gather(2, p).transpose(1, 2).contiguous()  # (B,C,R): a column is contiguous
     s, Q = s.float(), torch.empty_like(W)
@@ -1284,7 +1290,7 @@ def gptq_codes(w: Tensor, s: Tensor, U: Tensor, p: Tensor, block: int = 128) -> 
 
 
 def int6_codes(mats: dict, step: float, gptq: list = ()) -> dict:
-    """{name: (codes, scales)} at `step`: to nearest, or by GPTQ for the names in gptq."""
+    """{name: (codes, scales)} at `step`: nearest, or GPTQ for the names in gptq."""
     out = {k: coarsen_rows(w, s, step) for k, (w, s) in mats.items()}
     for ks, U, p in gptq:
         s = torch.stack([out[k][1] for k in ks])
@@ -1312,7 +1318,7 @@ def int6_bits(mats: dict, step: float, gptq: list = ()) -> float:
 
 
 class HessianRecorder(TorchFunctionMode):
-    """Adds fp64 X^T X of the input of each F.linear with a weight in `weights` (by address) to h[name]."""
+    """Adds fp64 X^T X of each F.linear input whose weight is in `weights` to h[name]."""
 
     def __init__(self, weights: dict):
         super().__init__()
@@ -1330,7 +1336,7 @@ class HessianRecorder(TorchFunctionMode):
 
 @torch.no_grad()
 def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
-    """{name: X^T X of its inputs, all-reduced} over the first GPTQ_CALIB_SEQS train sequences."""
+    """{name: X^T X of its inputs, all-reduced} on the first GPTQ_CALIB_SEQS train sequences."""
     model.eval()
     T, (lo, hi) = cfg.train_seq_len, shard_range(cfg.gptq_calib_seqs, rt.rank, rt.world_size)
     if hi > lo:
@@ -1386,7 +1392,7 @@ def _compressors() -> dict:
 
 
 def pack_artifact(arrays: dict, meta: dict, arch: dict, only: str = "") -> tuple[bytes, str, dict]:
-    """Compress with every available compressor (or `only`); keep the smallest: (blob, method, sizes)."""
+    """Compress with every compressor (or `only`); keep the smallest: (blob, method, sizes)."""
     header = json.dumps({"meta": meta, "arch": arch,
                          "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}).encode()
     payload = len(header).to_bytes(4, "little") + header + b"".join(np.ascontiguousarray(v).tobytes()
@@ -1462,8 +1468,8 @@ def model_budget(cfg: Config, code_bytes: int) -> int:
 
 def export_model(model: GPT, cfg: Config, budget: int = 0, hessians: dict | None = None
                  ) -> tuple[bytes, str, dict, float]:
-    """Quantize and compress; over `budget` bytes, every int6 matrix moves to one coarser grid `step` (predicted
-    by entropy, then measured). Returns (blob, method, sizes at step 1, step)."""
+    """Quantize and compress; over `budget` bytes every int6 matrix moves to one coarser grid `step`.
+    Returns (blob, method, sizes at step 1, step)."""
     sd = model.state_dict()
     arrays, meta = quantize_state(sd, cfg)
     arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
@@ -1535,7 +1541,7 @@ class ValData:
 
 
 def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over n targets: (start, length, score_from); every target scored once."""
+    """Sliding windows (start, length, score_from) over n targets, each scored once."""
     if n <= seq_len:
         return [(0, n, 0)]
     plan, end = [(0, seq_len, 0)], seq_len
@@ -1547,7 +1553,7 @@ def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
 
 
 def pass_batch(n_windows: int, batch_seqs: int, world: int) -> int:
-    """Windows per scoring batch: the same for every batch of a pass (the last padded)."""
+    """Windows per scoring batch: the same for a whole pass (the last padded)."""
     return min(batch_seqs, -(-n_windows // world))
 
 
@@ -1562,8 +1568,8 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 def slot_weights(los: Tensor, T: int, mode: str, context: int) -> Tensor:
-    """SLOT fit weights (G,N), G*N = B*T, summing to 1 per group, for windows with first scored positions `los`
-    (T: padding). batch (NOT causal): one group. causal: per window, `context` (0: all) positions before los."""
+    """SLOT fit weights (G,N), G*N = B*T, summing to 1 per group (los: first scored positions; T: padding).
+    batch (NOT causal): one group. causal: per window, `context` (0: all) positions before los."""
     pos, lo = torch.arange(T, device=los.device)[None, :], los[:, None]
     if mode == "batch":
         fit = (pos < T - 1) & (lo < T)
@@ -1578,8 +1584,8 @@ def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
 
 
 def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW on one delta per group: min sum_r wt[g,r] CE(softcap(z + W delta_g), y). z: (G,N,V) raw logits.
-    sigmoid(2(z + W delta)/c) = 1/(1 + PQ), P = exp(-2z/c), Q = exp(-2 W delta/c): dense, sums within groups."""
+    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) over (G,N,V) raw logits z, with
+    sigmoid(2(z + W delta)/c) = 1/(1 + PQ), P = exp(-2z/c), Q = exp(-2 W delta/c) (README: SLOT)."""
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
     W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
     P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # PQ stays finite
@@ -1598,7 +1604,7 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tenso
 
 
 def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bool) -> tuple[Tensor, Tensor | None]:
-    """Per-position NLL (B,T) of the head on h (B,T,D): plain and, with slot, with the fitted delta."""
+    """Per-position NLL (B,T) on h (B,T,D): plain and, with slot, with the fitted delta."""
     z = F.linear(h, W)
     plain = softcap_nll(z, y, cfg.logit_softcap)
     if not slot:
@@ -1611,7 +1617,7 @@ def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bo
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
                 slot: bool) -> tuple[Tensor, dict]:
-    """One trunk pass: (scored mask (B,T), {variant: (B,T) fp64 NLL, 0 where unscored})."""
+    """One trunk pass: (scored mask, {variant: (B,T) fp64 NLL, 0 where unscored})."""
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
@@ -1623,7 +1629,7 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
 
 def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
                     rt: Runtime) -> None:
-    """TTT on positions [lo, hi), all already scored: TTT_EPOCHS of SGD, rows split over ranks."""
+    """TTT on positions [lo, hi), all scored already: rows split over ranks, SGD."""
     rows = ttt_rows(lo, hi, cfg.eval_seq_len)
     a, b = shard_range(len(rows), rt.rank, rt.world_size)
     mine = rows[a:b]
@@ -1668,8 +1674,8 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
 def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: int, stride: int, batch_seqs: int,
               slot: bool, ttt: bool, collect: bool = False, log: Logger | None = None, label: str = "",
               rank: int | None = None, world: int | None = None) -> dict:
-    """One left-to-right scoring pass: sliding windows; with TTT, each chunk scored, then trained on (but the
-    last). Returns {variant: {nll, tokens, bytes, loss, bpb}}."""
+    """One left-to-right scoring pass: sliding windows; with TTT, each chunk scored, then trained on.
+    Returns {variant: {nll, tokens, bytes, loss, bpb}}."""
     rank = rt.rank if rank is None else rank
     world = rt.world_size if world is None else world
     tokens = val.tokens
@@ -1775,7 +1781,7 @@ def final_variant(cfg: Config) -> str:
 
 
 def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
-    """float64 NLL of every target tokens[1:], by the final evaluation's path on one process."""
+    """float64 NLL of every target, by the final evaluation's path on one process."""
     device = next(model.parameters()).device
     amp = cfg.amp and (device.type == "cuda" or cpu_bf16_is_fast())  # as setup_runtime decides it
     rt = Runtime(device=device, amp=amp, compile=False, compile_head=cfg.compile_head)
@@ -1786,7 +1792,7 @@ def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
 
 
 def stage_compliance(variant: str, cfg: Config) -> str:
-    """'causal' when every scored distribution depends only on the artifact and the strict prefix."""
+    """'causal' when scores depend only on the artifact and the strict prefix."""
     variant = "plain" if variant == "ctw" else variant.removesuffix("_ctw")
     if variant == "slot" and cfg.slot_mode == "batch":
         return "non-causal"
@@ -1794,7 +1800,7 @@ def stage_compliance(variant: str, cfg: Config) -> str:
 
 
 def _sorted_groups(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable sort: (order, first), first[i] = where sorted entry i's group starts."""
+    """Stable sort: (order, first), first[i] = start of sorted entry i's group."""
     order = torch.argsort(keys, stable=True)
     sk = keys[order]
     idx = torch.arange(keys.numel(), device=keys.device)
@@ -1812,7 +1818,7 @@ def _earlier_count(keys: Tensor) -> Tensor:
 
 
 def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
-    """Per position: sum of v over earlier positions of its group (segmented scan by doubling)."""
+    """Per position: sum of v over earlier positions of its group (scan by doubling)."""
     sv = v[order]
     idx = torch.arange(v.numel(), device=v.device)
     acc = torch.zeros_like(sv)
@@ -1830,8 +1836,8 @@ def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
 
 
 def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) -> Tensor:
-    """Context Tree Weighting (README: CTW): float64 log p(tokens[t] | tokens[:t]), t = 1..N. Vectorised (sorts
-    and segmented scans); causal: counts and weights come from earlier targets only."""
+    """Context Tree Weighting (README: CTW): float64 log p(tokens[t] | tokens[:t]), t = 1..N, from
+    counts over earlier targets only. Vectorised: sorts and segmented scans."""
     s = tokens.long()
     n, dev = s.numel() - 1, s.device
     alpha = alpha or 1.0 / vocab

@@ -277,6 +277,22 @@ def test_optimizer_step_clips_and_updates_banks(tg):
         assert sv.max() < 1.5 and sv.max() > 0.5
 
 
+def test_rope_tables_of_the_run_lengths_are_buffers(tg):
+    """RoPE tables of TRAIN_SEQ_LEN and EVAL_SEQ_LEN are precomputed, non-persistent buffers (graph inputs, not fp64
+    cos/sin that inductor would recompute inside every RoPE kernel: +25% on a compiled CPU train step), equal to the
+    computed tables; other lengths are computed; the artifact's state dict does not hold them."""
+    cfg = tiny_cfg(tg, train_seq_len=16, eval_seq_len=24, eval_stride=8, rope_dims=8)
+    model = tg.GPT(cfg)
+    for T in (16, 24):
+        c, s = model.rotary.tables(T, "cpu")
+        assert c is getattr(model.rotary, f"c{T}") and s is getattr(model.rotary, f"s{T}")
+        c2, s2 = tg.Rotary(8, cfg.rope_base).tables(T, "cpu")
+        assert torch.equal(c, c2) and torch.equal(s, s2) and c.shape == (T, 4)
+    assert not hasattr(model.rotary, "c20") and model.rotary.tables(20, "cpu")[0].shape == (20, 4)
+    assert not any("rotary" in k for k in model.state_dict())
+    assert model.double().rotary.c16.dtype == torch.float64  # moves with the model
+
+
 def test_rope_dims_2_is_rejected_or_works_past_1024(tg):
     env = {"PRESET": "competition", "ROPE_DIMS": "2", "NUM_LAYERS": "1", "VE_LAYERS": "0", "XSA_LAST_N": "1",
            "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "64", "BIGRAM_VOCAB_SIZE": "0"}
@@ -317,14 +333,16 @@ def test_softcap_nll_is_ce_of_the_softcap_eager_and_compiled(tg, dt):
 
 # ---- attention: one dispatch, counted ----
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])
-def test_sdpa_repeats_kv_heads_as_gqa(tg, dt):
-    """sdpa() repeats K/V heads instead of enable_gqa (which only SDPA's flash kernel takes: fp32 GQA would fall to the
-    T x T math kernel on CUDA); the result is the same attention."""
+def test_sdpa_is_causal_gqa_attention(tg, dt):
+    """sdpa() on the CPU (GQA by enable_gqa) is causal attention with each K/V head shared by its group of query
+    heads: the same as SDPA on K/V heads repeated (what it does on CUDA, tests/test_cuda.py)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 24, h, 16, generator=g, dtype=dt) for h in (4, 2, 2))
-    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                          enable_gqa=True).transpose(1, 2)
+    k2, v2 = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2),
+                                          is_causal=True).transpose(1, 2)
     torch.testing.assert_close(tg.sdpa(q, k, v), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tg.sdpa(q, k2, v2), want, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_calls_are_counted_eager_and_compiled_without_recompiles(tg):

@@ -143,7 +143,7 @@ def test_check_causality_random_tiny_all_modes(tools, monkeypatch, capsys):
 
 @pytest.mark.parametrize("dtype", ["float32", "amp"])
 def test_check_causality_production_dtypes(tools, monkeypatch, capsys, dtype):
-    """--dtype float32 / amp: the CPU run's C kernels and autocast pass too, and batch mode still leaks."""
+    """--dtype float32 / amp: the CPU run's dtypes and autocast pass too, and batch mode still leaks."""
     set_env(monkeypatch, SMALL_EVAL)
     rc = tools["check_causality"].main(["--random-tiny", "--positions", "3", "--tokens", "200", "--data", "random",
                                         "--dtype", dtype])
