@@ -1,20 +1,14 @@
-logs/run_id:cpu_causal_s1337 log:logs/cpu_causal_s1337.txt
-"""Parameter Golf trainer: the PR #549 stack (11L LeakyReLU^2, BigramHash, XSA, partial RoPE, VE, Parallel
-Muon, EMA, int6 export) with score-first TTT and SLOT (seed-faithful `batch` and per-window `causal`).
-
-    torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100, PRESET=competition
-    python train_gpt.py                                         # CPU, PRESET=cpu, offline dataset
-
-Every knob is an UPPERCASE env var mapped to one `Config` field; see README.md for the glossary and log API.
-"""
+"""Parameter Golf: the PR #549 stack with score-first TTT and SLOT (`batch` as the seed, per-window `causal`).
+`torchrun --standalone --nproc_per_node=8 train_gpt.py` (8xH100) or `python train_gpt.py` (CPU preset). Every knob
+is an env var (one Config field); README.md has the glossary and the log API."""
 # ---- imports ----
-from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
 import glob
-import io
+import hashlib
+import importlib
 import json
 import lzma
 import math
@@ -33,8 +27,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
-try:  # optional compressors: the artifact uses whichever is smallest among those present
+try:  # optional compressors
     import zstandard
 except ImportError:
     zstandard = None
@@ -42,18 +37,10 @@ try:
     import brotli
 except ImportError:
     brotli = None
-try:  # flash-attn 3 (Hopper), else flash-attn 2, else SDPA
-    from flash_attn_interface import flash_attn_func as _fa3
-except ImportError:
-    _fa3 = None
-try:
-    from flash_attn import flash_attn_func as _fa2
-except ImportError:
-    _fa2 = None
 
 
 class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2, no traceback (DEBUG=1 shows it)."""
+    """Bad input: one line, exit status 2."""
 
 
 # ---- config ----
@@ -64,101 +51,105 @@ PRESETS = ("competition", "cpu")
 @dataclass(frozen=True)
 class Config:
     # run and paths
-    preset: str = "competition"  # PRESET: competition (CUDA default) | cpu (CPU default); explicit vars override
-    data_path: str = "./data/datasets/fineweb10B_sp1024"  # DATA_PATH: folder of fineweb_{train,val}_*.bin
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # TOKENIZER_PATH
-    run_id: str = ""  # RUN_ID: log/artifact name under OUT_DIR (empty: a fresh uuid4)
-    out_dir: str = "logs"  # OUT_DIR: where <RUN_ID>.txt/.json/.ptz go
-    seed: int = 1337  # SEED
-    device: str = ""  # DEVICE: cuda | cpu (empty: cuda when available)
-    compile: bool = True  # COMPILE: torch.compile the trunk (CUDA preset default on, CPU off)
-    amp: bool = True  # AMP: bf16 autocast and bf16 Newton-Schulz where bf16 is fast (CUDA; CPUs where a probe says so)
-    eval_only: bool = False  # EVAL_ONLY: skip training, evaluate LOAD_ARTIFACT
-    load_artifact: str = ""  # LOAD_ARTIFACT: path of a saved .ptz artifact (EVAL_ONLY=1)
-    val_max_tokens: int = 0  # VAL_MAX_TOKENS: cap on val targets (0: all; for quick experiments only)
-    eval_time_limit_seconds: float = 600.0  # EVAL_TIME_LIMIT_SECONDS: warn before eval if the estimate exceeds it
+    preset: str = "competition"  # competition (CUDA default) | cpu
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a fresh uuid4
+    out_dir: str = "logs"  # where <RUN_ID>.txt/.json/.ptz go
+    seed: int = 1337
+    device: str = ""  # cuda | cpu (empty: cuda when available)
+    compile: bool = True  # torch.compile the model
+    compile_head: bool = True  # torch.compile the head (CE, SLOT)
+    amp: bool = True  # bf16 autocast where bf16 is fast
+    eval_only: bool = False  # skip training, evaluate LOAD_ARTIFACT
+    load_artifact: str = ""  # path of a saved .ptz artifact (EVAL_ONLY=1)
+    val_max_tokens: int = 0  # cap on val targets (0: all)
+    eval_time_limit_seconds: float = 600.0  # warn before eval if the estimate exceeds it
     # eval and logging
-    val_batch_size: int = 524288  # VAL_BATCH_SIZE: tokens per plain-eval batch (global)
-    val_loss_every: int = 4000  # VAL_LOSS_EVERY: plain val eval every N steps (0: only at the end)
-    train_log_every: int = 500  # TRAIN_LOG_EVERY
-    eval_seq_len: int = 2048  # EVAL_SEQ_LEN: sliding window length
-    eval_stride: int = 64  # EVAL_STRIDE: scored tokens per window (window 0 scores all)
-    eval_batch_seqs: int = 32  # EVAL_BATCH_SEQS: windows per scoring batch
+    val_batch_size: int = 524288  # tokens per plain-eval batch (global)
+    val_loss_every: int = 4000  # 0: only at the end
+    train_log_every: int = 500
+    eval_seq_len: int = 2048  # sliding window length
+    eval_stride: int = 64  # scored tokens per window (window 0 scores all)
+    eval_batch_seqs: int = 32  # windows per scoring batch
     # length and time
-    iterations: int = 9000  # ITERATIONS: hard cap on steps
-    warmdown_iters: int = 3500  # WARMDOWN_ITERS: warmdown length in (estimated) steps, applied on wall clock
-    warmup_steps: int = 20  # WARMUP_STEPS: priming steps that are run, then undone
-    train_batch_tokens: int = 786432  # TRAIN_BATCH_TOKENS: global batch, independent of world size
-    train_seq_len: int = 2048  # TRAIN_SEQ_LEN
-    max_wallclock_seconds: float = 600.0  # MAX_WALLCLOCK_SECONDS: training budget (0: step-based warmdown)
+    iterations: int = 9000  # hard cap on steps
+    warmdown_iters: int = 3500
+    warmup_steps: int = 20  # priming steps that are run, then undone
+    train_batch_tokens: int = 786432  # global batch, independent of world size
+    train_seq_len: int = 2048
+    max_wallclock_seconds: float = 600.0  # training budget (0: step-based warmdown)
     # shape
-    vocab_size: int = 1024  # VOCAB_SIZE
-    num_layers: int = 11  # NUM_LAYERS
-    model_dim: int = 512  # MODEL_DIM
-    num_heads: int = 8  # NUM_HEADS
-    num_kv_heads: int = 4  # NUM_KV_HEADS
-    mlp_mult: float = 3.0  # MLP_MULT
-    tie_embeddings: bool = True  # TIE_EMBEDDINGS
-    rope_base: float = 10000.0  # ROPE_BASE
-    logit_softcap: float = 30.0  # LOGIT_SOFTCAP
-    qk_gain_init: float = 1.5  # QK_GAIN_INIT
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
     # features
-    bigram_vocab_size: int = 1536  # BIGRAM_VOCAB_SIZE: hash buckets (0: no BigramHash)
-    bigram_dim: int = 128  # BIGRAM_DIM
-    xsa_last_n: int = 4  # XSA_LAST_N: exclusive self-attention on the last N layers
-    rope_dims: int = 16  # ROPE_DIMS: rotated dims per head (partial RoPE)
-    ln_scale: bool = True  # LN_SCALE: scale block inputs by 1/sqrt(layer+1)
-    ve_enabled: bool = True  # VE_ENABLED: shared value embeddings
-    ve_dim: int = 128  # VE_DIM
-    ve_layers: tuple = (9, 10)  # VE_LAYERS: comma-separated layer indices
+    bigram_vocab_size: int = 1536  # hash buckets (0: no BigramHash)
+    bigram_dim: int = 128
+    xsa_last_n: int = 4  # exclusive self-attention on the last N layers
+    rope_dims: int = 16  # rotated dims per head (partial RoPE)
+    ln_scale: bool = True  # scale block inputs by 1/sqrt(layer+1)
+    ve_enabled: bool = True  # shared value embeddings
+    ve_dim: int = 128
+    ve_layers: tuple = (9, 10)  # comma-separated layer indices
     # optimizer
-    embed_lr: float = 0.6  # EMBED_LR: untied embedding lr
-    head_lr: float = 0.008  # HEAD_LR: untied head lr
-    tied_embed_lr: float = 0.035  # TIED_EMBED_LR
-    tied_embed_init_std: float = 0.005  # TIED_EMBED_INIT_STD
-    matrix_lr: float = 0.025  # MATRIX_LR: Muon lr for the banks
-    scalar_lr: float = 0.025  # SCALAR_LR
-    muon_momentum: float = 0.99  # MUON_MOMENTUM
-    muon_backend_steps: int = 5  # MUON_BACKEND_STEPS: Newton-Schulz iterations
-    muon_momentum_warmup_start: float = 0.92  # MUON_MOMENTUM_WARMUP_START
-    muon_momentum_warmup_steps: int = 1500  # MUON_MOMENTUM_WARMUP_STEPS
-    muon_wd: float = 0.04  # MUON_WD
-    beta1: float = 0.9  # BETA1
-    beta2: float = 0.95  # BETA2
-    adam_eps: float = 1e-8  # ADAM_EPS
-    adam_wd: float = 0.04  # ADAM_WD
-    grad_clip_norm: float = 0.3  # GRAD_CLIP_NORM: on the world-averaged gradient (0: off)
+    embed_lr: float = 0.6  # untied embedding lr
+    head_lr: float = 0.008  # untied head lr
+    tied_embed_lr: float = 0.035
+    tied_embed_init_std: float = 0.005
+    matrix_lr: float = 0.025  # Muon lr for the banks
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.04
+    grad_clip_norm: float = 0.3  # on the world-averaged gradient (0: off)
     # averaging and QAT
-    ema_enabled: bool = True  # EMA_ENABLED
-    ema_decay: float = 0.997  # EMA_DECAY
-    late_qat: bool = True  # LATE_QAT: fake-quantize the exported banks once lr_mul < LATE_QAT_THRESHOLD
-    late_qat_threshold: float = 0.15  # LATE_QAT_THRESHOLD
-    qat_enabled: bool = False  # QAT_ENABLED: fake-quantize from step 0
+    ema_enabled: bool = True
+    ema_decay: float = 0.997
+    late_qat: bool = True
+    late_qat_threshold: float = 0.15
+    qat_enabled: bool = False  # fake-quantize from step 0
     # score-first TTT
-    ttt_enabled: bool = True  # TTT_ENABLED
-    ttt_lr: float = 0.002  # TTT_LR: SGD lr, cosine over chunk index
-    ttt_epochs: int = 3  # TTT_EPOCHS
-    ttt_chunk_tokens: int = 32768  # TTT_CHUNK_TOKENS: multiple of EVAL_STRIDE
-    ttt_freeze_blocks: int = 0  # TTT_FREEZE_BLOCKS: first N blocks frozen, bank slices included
-    ttt_momentum: float = 0.9  # TTT_MOMENTUM
-    ttt_batch_seqs: int = 32  # TTT_BATCH_SEQS
-    ttt_grad_clip: float = 1.0  # TTT_GRAD_CLIP
+    ttt_enabled: bool = True
+    ttt_lr: float = 0.002  # SGD lr, cosine over chunk index
+    ttt_epochs: int = 3
+    ttt_chunk_tokens: int = 32768  # multiple of EVAL_STRIDE
+    ttt_freeze_blocks: int = 0  # first N blocks frozen, bank slices included
+    ttt_momentum: float = 0.9
+    ttt_batch_seqs: int = 32
+    ttt_grad_clip: float = 1.0
     # SLOT
-    slot_enabled: bool = True  # SLOT_ENABLED: fit a hidden-state delta inside every scoring pass
-    slot_mode: str = "batch"  # SLOT_MODE: batch (seed, NOT causal) | causal (per-window, context-only)
-    slot_lr: float = 0.001  # SLOT_LR
-    slot_steps: int = 3  # SLOT_STEPS
-    slot_wd: float = 1e-8  # SLOT_WD: AdamW weight decay
-    slot_eps: float = 1e-5  # SLOT_EPS: AdamW eps
-    slot_beta1: float = 0.9  # SLOT_BETA1
-    slot_beta2: float = 0.999  # SLOT_BETA2
-    slot_context: int = 0  # SLOT_CONTEXT: causal mode fits on the last N scored context targets (0: all)
+    slot_enabled: bool = True
+    slot_mode: str = "batch"  # batch (seed, NOT causal) | causal
+    slot_lr: float = 0.001
+    slot_steps: int = 3
+    slot_wd: float = 1e-8  # AdamW weight decay
+    slot_eps: float = 1e-5  # AdamW eps
+    slot_beta1: float = 0.9
+    slot_beta2: float = 0.999
+    slot_context: int = 0  # causal: fit on the last N context targets (0: all)
     # CTW mixing at evaluation
-    ctw_weight: float = 0.0  # CTW_WEIGHT: mixture weight of the context-tree model (0: off, bit-identical)
-    ctw_depth: int = 4  # CTW_DEPTH: context-tree depth (previous tokens)
-    ctw_alpha: float = 0.0  # CTW_ALPHA: estimator pseudo-count per symbol (0: 1/VOCAB_SIZE, Perks; 0.5: KT)
-    control_tensor_name_patterns: str = ""  # CONTROL_TENSOR_NAME_PATTERNS: comma list; matching small tensors export fp32, not fp16
-    artifact_target_bytes: int = 16_000_000  # ARTIFACT_TARGET_BYTES: code + model over this: coarser int6 step until it fits (0: never)
+    ctw_weight: float = 0.0  # 0: off
+    ctw_depth: int = 4  # context-tree depth (previous tokens)
+    ctw_alpha: float = 0.0  # 0: 1/VOCAB_SIZE
+    control_tensor_name_patterns: str = ""  # comma list: small tensors kept fp32
+    artifact_target_bytes: int = 16_000_000
+    gptq: bool = False
+    gptq_calib_seqs: int = 64  # calibration sequences of TRAIN_SEQ_LEN tokens
+    gptq_reserve_seconds: float = 8.0
 
     # -- derived --
     @property
@@ -171,7 +162,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env, cuda: bool | None = None) -> "Config":
-        """Build from a mapping of env vars: preset defaults, then explicit values. Raises UserError."""
+        """Preset defaults, then explicit values. Raises UserError."""
         preset = env.get("PRESET") or ("competition" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu")
         if preset not in PRESETS:
             raise UserError(f"PRESET={preset!r} is not valid: use one of {', '.join(PRESETS)}")
@@ -179,7 +170,7 @@ class Config:
         for f in fields(cls):
             name = f.name.upper()
             if name in env and name != "PRESET":
-                values[f.name] = _parse_value(name, env[name], _TYPES[f.type])
+                values[f.name] = _parse_value(name, env[name], f.type)
         for name, (allowed, why) in RETIRED_VARS.items():
             if name in env and allowed is not None and env[name].strip() not in allowed:
                 raise UserError(f"{name}={env[name]!r} is not supported ({why}); allowed: {', '.join(allowed)}")
@@ -193,7 +184,7 @@ class Config:
                 raise UserError(f"{name}={getattr(self, name.lower())!r} is out of range: {allowed}")
         for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                      "TRAIN_BATCH_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "VAL_BATCH_SIZE",
-                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS", "CTW_DEPTH"):
+                     "TTT_CHUNK_TOKENS", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS", "CTW_DEPTH", "GPTQ_CALIB_SEQS"):
             need(getattr(self, name.lower()) > 0, name, "must be a positive integer")
         for name in ("ITERATIONS", "WARMDOWN_ITERS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
                      "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "SLOT_STEPS", "SLOT_CONTEXT", "XSA_LAST_N", "ROPE_DIMS",
@@ -201,7 +192,8 @@ class Config:
             need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
         for name in ("EMBED_LR", "HEAD_LR", "TIED_EMBED_LR", "MATRIX_LR", "SCALAR_LR", "TTT_LR", "SLOT_LR",
                      "MUON_WD", "ADAM_WD", "SLOT_WD", "GRAD_CLIP_NORM", "TTT_GRAD_CLIP", "TIED_EMBED_INIT_STD",
-                     "MAX_WALLCLOCK_SECONDS", "EVAL_TIME_LIMIT_SECONDS", "ADAM_EPS", "LATE_QAT_THRESHOLD"):
+                     "MAX_WALLCLOCK_SECONDS", "EVAL_TIME_LIMIT_SECONDS", "ADAM_EPS", "LATE_QAT_THRESHOLD",
+                     "GPTQ_RESERVE_SECONDS"):
             need(getattr(self, name.lower()) >= 0, name, "must be >= 0")
         for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
                      "SLOT_BETA1", "SLOT_BETA2"):
@@ -210,6 +202,8 @@ class Config:
         need(self.ctw_alpha >= 0, "CTW_ALPHA", "must be >= 0 (0: 1/VOCAB_SIZE)")
         need(self.slot_eps > 0, "SLOT_EPS", "must be > 0")
         need(self.slot_mode in SLOT_MODES, "SLOT_MODE", f"one of {', '.join(SLOT_MODES)}")
+        need(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
+             "GPTQ_RESERVE_SECONDS", f"< MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} with GPTQ=1")
         need(self.device in ("", "cpu", "cuda"), "DEVICE", "one of cpu, cuda (or empty for auto)")
         need(self.model_dim % self.num_heads == 0, "MODEL_DIM", "must be a multiple of NUM_HEADS")
         need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
@@ -232,48 +226,45 @@ class Config:
         need(not self.eval_only or self.load_artifact, "LOAD_ARTIFACT", "a path is required with EVAL_ONLY=1")
 
     def diff_from_defaults(self) -> dict:
-        """Fields that differ from the competition preset: the env vars of an exact run command."""
+        """Fields that differ from the competition preset: an exact run command."""
         base = Config()
         return {f.name.upper(): _format_value(getattr(self, f.name)) for f in fields(self)
                 if f.name not in ("preset", "run_id") and getattr(self, f.name) != getattr(base, f.name)}
 
 
 PRESET_VALUES = {
-    "competition": {},  # the field defaults are the seed's SLOT run command
-    "cpu": dict(  # sized so the whole main job fits in 10 minutes on a 2-core CPU with the offline dataset
+    "competition": {},
+    "cpu": dict(  # main job in 10 min on 2 cores
         data_path="./data/datasets/offline_sp1024", tokenizer_path="./data/tokenizers/offline_1024_bpe.model",
         compile=False, num_layers=4, model_dim=256, num_heads=4, num_kv_heads=2, bigram_vocab_size=1536,
         xsa_last_n=2, ve_layers=(2, 3), train_seq_len=256, train_batch_tokens=16384, iterations=10000,
         max_wallclock_seconds=270.0, warmdown_iters=25, warmup_steps=2, muon_momentum_warmup_steps=20,
         val_loss_every=0, train_log_every=10, val_batch_size=16384, eval_seq_len=256, eval_stride=64,
-        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0, ema_decay=0.9),
+        eval_batch_seqs=16, ttt_chunk_tokens=8192, ttt_batch_seqs=16, eval_time_limit_seconds=300.0, ema_decay=0.9,
+        gptq_reserve_seconds=15.0),
 }
 
-# Names the reference reads (or its README sets) that this program does not implement. None = any value is
-# accepted and ignored with a note; otherwise only the listed values are accepted.
+# Names the reference reads that we do not implement: None = any value is ignored, else only these are accepted.
 RETIRED_VARS = {
-    "SWA_ENABLED": (None, "SWA is never applied in #549 (dead code); EMA is what is exported"),
-    "SWA_EVERY": (None, "SWA is never applied in #549 (dead code)"),
-    "LAWA_ENABLED": (("0",), "LAWA was removed: off in #549"),
-    "LAWA_K": (None, "LAWA was removed"),
-    "LAWA_FREQ": (None, "LAWA was removed"),
-    "MUON_BETA2": (None, "read but unused by #549's Muon"),
-    "DTG_ENABLED": (("0",), "the DTG gate was removed: off in #549"),
-    "GATED_ATTENTION": (("0",), "gated attention was removed: off in #549"),
-    "VALUE_RESIDUAL": (("0",), "value residual was removed: off in #549"),
-    "MTP_NUM_HEADS": (("0",), "MTP heads were removed: off in #549"),
-    "MTP_LOSS_WEIGHT": (None, "MTP heads were removed"),
-    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "no large control tensor exists; CONTROL_TENSOR_NAME_PATTERNS rules"),
+    "SWA_ENABLED": (None, "dead code in #549: EMA is exported"),
+    "SWA_EVERY": (None, "dead code in #549"),
+    "LAWA_ENABLED": (("0",), "off in #549"),
+    "LAWA_K": (None, "off in #549"),
+    "LAWA_FREQ": (None, "off in #549"),
+    "MUON_BETA2": (None, "unused in #549"),
+    "DTG_ENABLED": (("0",), "off in #549"),
+    "GATED_ATTENTION": (("0",), "off in #549"),
+    "VALUE_RESIDUAL": (("0",), "off in #549"),
+    "MTP_NUM_HEADS": (("0",), "off in #549"),
+    "MTP_LOSS_WEIGHT": (None, "off in #549"),
+    "GPTQ_CALIB": (("train",), "self-sampling was deleted: no better, slower"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": (None, "see CONTROL_TENSOR_NAME_PATTERNS"),
 }
-# Env vars of the environment that are not ours even though they share a prefix.
 FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG",
                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"}
-_OUR_PREFIXES = ("SLOT_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
+_OUR_PREFIXES = ("SLOT_", "GPTQ_", "TTT_", "EVAL_", "VAL_", "TRAIN_", "MUON_", "ADAM_", "EMA_", "QAT_", "LATE_QAT", "CTW_",
                  "BIGRAM_", "VE_", "ROPE_", "XSA_", "WARMUP_", "WARMDOWN_", "TIED_", "MATRIX_", "SCALAR_", "NUM_",
                  "MODEL_", "MLP_", "LOGIT_", "QK_", "LN_", "GRAD_", "HEAD_", "EMBED_", "MAX_", "LOAD_")
-
-
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
 
 
 def _parse_value(name: str, raw: str, typ):
@@ -315,7 +306,7 @@ def _format_value(v) -> str:
 
 
 def env_warnings(env) -> list[str]:
-    """Notes for env vars that look like ours but are unknown (typos), and for retired names."""
+    """Notes for unknown env vars that look like ours, and for retired names."""
     known = {f.name.upper() for f in fields(Config)}
     out = []
     for name in sorted(env):
@@ -339,7 +330,9 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     amp: bool = True  # bf16 autocast, and bf16 Newton-Schulz
-    compile: bool = False
+    compile: bool = False  # the model (maybe_compile)
+    compile_head: bool = False  # the head's functions (fn)
+    _fns: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -353,40 +346,116 @@ class Runtime:
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
+    def fn(self, f):
+        """f compiled (static, fullgraph) with COMPILE or COMPILE_HEAD, else f."""
+        if not self.compile_head:
+            return f
+        if f not in self._fns:
+            self._fns[f] = torch.compile(f, fullgraph=True, dynamic=False)
+        return self._fns[f]
+
 
 def setup_runtime(cfg: Config, env) -> Runtime:
-    """The only place that reads torchrun's variables and picks the device and process group."""
+    """The only reader of torchrun's variables: device, attention kernel, process group."""
+    if cfg.device == "cuda" or (not cfg.device and torch.version.cuda):
+        if not torch.cuda.is_available():
+            raise UserError(cuda_problem() + ("" if cfg.device else ": set DEVICE=cpu to run on the CPU on purpose"))
     want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("DEVICE=cuda but no CUDA device is available: unset DEVICE or use DEVICE=cpu")
     world = int(env.get("WORLD_SIZE", "1"))
     rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if want == "cuda" else torch.device("cpu")
     if want == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_math_sdp(False)  # fail, don't crawl
+        load_flash_attn(device, cfg.head_dim)
+    ATTN_CALLS.clear()
+    ATTN_CALLS.update({n: torch.zeros((), dtype=torch.long, device=device) for n in ("flash_attn_3", "flash_attn_2", "sdpa")})
     if world > 1 and not dist.is_initialized():
         if want == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank,
-                   amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile and want == "cuda")
+                   amp=cfg.amp and (want == "cuda" or cpu_bf16_is_fast()), compile=cfg.compile,
+                   compile_head=cfg.compile or cfg.compile_head)
+
+
+def cuda_problem() -> str:
+    """Why CUDA is unusable, in one line."""
+    if torch.version.cuda is None:
+        return (f"DEVICE=cuda but torch {torch.__version__} is a CPU build: install the CUDA build of torch 2.13.0 "
+                "for your driver (README: Your first GPU run)")
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "driver" in why.lower():
+            return f"CUDA unusable: the NVIDIA driver is too old for this torch (CUDA {torch.version.cuda}): {why}"
+        return f"CUDA unusable: {why}"
+    return f"CUDA unusable: no CUDA device visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})"
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention on (B,T,H,D): flash-attn (bf16, CUDA) if loaded, else SDPA."""
+    if _flash and q.is_cuda and q.dtype == torch.bfloat16:
+        name, fn = _flash[0]
+        y = fn(q, k, v, causal=True)
+        y = y[0] if isinstance(y, tuple) else y
+    else:
+        name, y = "sdpa", sdpa(q, k, v)
+    if name in ATTN_CALLS:
+        ATTN_CALLS[name] += 1
+    return y
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal SDPA; on CUDA with K/V heads repeated (enable_gqa is flash-kernel only there: fp32 would fall to
+    the T x T math kernel, and cuDNN would be ineligible)."""
+    if q.is_cuda:
+        k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+_flash: list = []  # [(name, fn)] of load_flash_attn
+FLASH_NOTES: list = []  # why an installed flash-attn is not used
+ATTN_CALLS: dict = {}  # 0-dim counts per backend
+
+
+def load_flash_attn(device, head_dim: int = 64) -> None:
+    """flash-attn 3, else 2: the first that imports and matches SDPA once."""
+    _flash.clear()
+    for name, module in (("flash_attn_3", "flash_attn_interface"), ("flash_attn_2", "flash_attn")):
+        try:
+            fn = importlib.import_module(module).flash_attn_func
+        except ImportError:
+            continue
+        except Exception as e:
+            FLASH_NOTES.append(f"{name} does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            continue
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(1, 256, 4, head_dim, device=device, dtype=torch.bfloat16, generator=g)
+            k, v = q[:, :, :2].contiguous(), q[:, :, 2:].contiguous()
+            out = fn(q, k, v, causal=True)
+            out = out[0] if isinstance(out, tuple) else out
+            err = (out.float() - sdpa(q, k, v).float()).abs().max().item()
+            if not err < 0.05:
+                raise RuntimeError(f"differs from SDPA by {err:.3g}")
+        except Exception as e:
+            FLASH_NOTES.append(f"{name} fails its first call ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            continue
+        _flash.append((name, fn))
+        return
 
 
 def cpu_bf16_is_fast() -> bool:
-    """bf16 matmul beats fp32 on CPUs with avx512_bf16/AMX, and is ~100x slower on plain AVX2 ones."""
-    a = torch.randn(256, 256)
-    times = []
-    for dt in (torch.float32, torch.bfloat16):
-        x = a.to(dt)
-        x @ x
-        t = time.perf_counter()
-        for _ in range(4):
-            x @ x
-        times.append(time.perf_counter() - t)
-    return times[1] < times[0]
+    """bf16 matmul beats fp32 only with avx512_bf16/AMX (CPU flags: a timing can flip)."""
+    try:
+        return not {"avx512_bf16", "amx_bf16"}.isdisjoint(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
 
 
 def amp_ctx(rt: Runtime):
@@ -405,7 +474,13 @@ def all_reduce_(t: Tensor, op=None) -> Tensor:
 
 
 def maybe_compile(fn, rt: Runtime):
-    return torch.compile(fn, dynamic=False) if rt.compile else fn
+    """The model's functions under COMPILE: static shapes, fullgraph."""
+    return torch.compile(fn, dynamic=False, fullgraph=True) if rt.compile else fn
+
+
+def train_loss_fn(model, rt: Runtime):
+    """(forward, nll): the compiled model, or the eager model and the compiled CE."""
+    return (maybe_compile(model, rt), None) if rt.compile else (model, rt.fn(softcap_nll))
 
 
 def peak_memory_mb(rt: Runtime) -> float:
@@ -416,7 +491,7 @@ def peak_memory_mb(rt: Runtime) -> float:
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous split of n items over world ranks: rank r gets [n*r//w, n*(r+1)//w)."""
+    """Contiguous split of n items over world ranks."""
     return n * rank // world, n * (rank + 1) // world
 
 
@@ -429,7 +504,7 @@ class DataError(UserError):
 
 
 def write_shard(path, tokens) -> None:
-    """Write tokens in the competition's shard format, atomically (temp name, then rename)."""
+    """Write tokens in the competition's shard format, atomically."""
     toks = np.asarray(tokens)
     if toks.size and (toks.min() < 0 or toks.max() >= 65536):
         raise DataError(f"{path}: token ids must fit in uint16")
@@ -444,7 +519,7 @@ def write_shard(path, tokens) -> None:
 
 
 def read_shard_header(path) -> int:
-    """Validate a shard's header and size; return its token count. Raises DataError naming the defect."""
+    """Validate a shard's header and size; return its token count."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -468,7 +543,7 @@ def read_shard_header(path) -> int:
 
 
 def load_shard(path, vocab_size: int | None = None) -> np.ndarray:
-    """Read and validate one shard; returns uint16 tokens. Token ids >= vocab_size are an error."""
+    """Read and validate one shard (uint16 tokens < vocab_size)."""
     n = read_shard_header(path)
     toks = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if vocab_size is not None and n and int(toks.max()) >= vocab_size:
@@ -491,7 +566,7 @@ def check_data_path(data_path: str) -> None:
 
 
 def load_val_tokens(cfg: Config) -> Tensor:
-    """All val shards concatenated; targets capped by VAL_MAX_TOKENS. Returns int64 tokens (targets = n-1)."""
+    """All val shards concatenated (int64), targets capped by VAL_MAX_TOKENS."""
     check_data_path(cfg.data_path)
     toks = np.concatenate([load_shard(p, cfg.vocab_size) for p in shard_files(cfg.data_path, "val")])
     if cfg.val_max_tokens:
@@ -502,7 +577,7 @@ def load_val_tokens(cfg: Config) -> Tensor:
 
 
 class TokenStream:
-    """Reads the train shards in order, wrapping forever (every rank reads the same stream)."""
+    """The train shards in order, wrapping forever."""
 
     def __init__(self, files: list[str], vocab_size: int):
         if not files:
@@ -527,7 +602,7 @@ class TokenStream:
 
 
 class DistributedLoader:
-    """Each step takes world*(local+1) contiguous tokens; rank r gets its own slice of local+1 (x and y)."""
+    """Each step: world*(local+1) contiguous tokens, rank r takes its slice."""
 
     def __init__(self, cfg: Config, rt: Runtime):
         self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
@@ -543,10 +618,10 @@ class DistributedLoader:
 
 @dataclass
 class ByteLuts:
-    """Per-token byte accounting (parameter_golf.md section 3). Tensors of size max(sp vocab, VOCAB_SIZE)."""
-    base_bytes: Tensor  # int16: UTF-8 bytes of the piece without one leading U+2581; 1 for <0xNN>; 0 for boundaries
-    has_space: Tensor  # bool: piece starts with U+2581 (counts 1 byte unless the previous token is a boundary)
-    is_boundary: Tensor  # bool: control, unknown, unused, or past the sp vocab
+    """Per-token byte accounting (parameter_golf.md section 3)."""
+    base_bytes: Tensor  # UTF-8 bytes, no leading U+2581
+    has_space: Tensor  # starts with U+2581
+    is_boundary: Tensor
 
     def target_bytes(self, prev: Tensor, tgt: Tensor) -> Tensor:
         """Bytes of each target given the token before it (same shapes); int64."""
@@ -593,60 +668,46 @@ def load_tokenizer_luts(cfg: Config) -> ByteLuts:
 
 
 # ---- model ----
+def wide(t: Tensor) -> Tensor:
+    """t in fp32 (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention on (B,T,H,D) q and (B,T,Hkv,D) k/v; the only attention dispatch in the file."""
-    if q.is_cuda and q.dtype == torch.bfloat16 and (_fa3 or _fa2):
-        out = (_fa3 or _fa2)(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
-
-
-def attention_backend(device: torch.device) -> str:
-    if device.type == "cuda" and _fa3:
-        return "flash_attn_3"
-    if device.type == "cuda" and _fa2:
-        return "flash_attn_2"
-    return "sdpa"
-
-
 def fake_quant_int6(w: Tensor) -> Tensor:
-    """Straight-through per-row int6 fake quantization on the export grid (+-31, row-max scale)."""
+    """Straight-through per-row int6 fake quantization on the export grid."""
     s = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-10) / 31
     return w + ((w / s).round().clamp(-31, 31) * s - w).detach()
 
 
 class Rotary(nn.Module):
-    """Partial RoPE on the first `dims` dims of each head, rotate-half style inside them.
-
-    NTK scaling keys on the reference's hard-coded train length of 1024 (quirk kept: at T=2048 the base
-    becomes base*2^(dims/(dims-2)), which is what the seed's numbers were measured with)."""
+    """Partial RoPE on the first `dims` dims of each head; NTK base keyed on 1024 (quirk kept). The run's
+    lengths' tables are buffers: in a compiled graph inductor would redo fp64 cos/sin in every RoPE kernel."""
 
     NTK_LEN = 1024
 
-    def __init__(self, dims: int, base: float):
+    def __init__(self, dims: int, base: float, lengths=()):
         super().__init__()
         self.dims, self.base = dims, base
-        self._cache: dict = {}
+        for T in set(lengths):
+            for n, t in zip("cs", self.tables(T, None)):
+                self.register_buffer(f"{n}{T}", t, persistent=False)
 
-    def cos_sin(self, T: int, device) -> tuple[Tensor, Tensor]:
-        key = (T, str(device))
-        if key not in self._cache:
-            base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
-            inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims)
-            ang = torch.outer(torch.arange(T, dtype=torch.float64), inv)
-            self._cache[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
-        return self._cache[key]
+    def tables(self, T: int, device) -> tuple[Tensor, Tensor]:
+        """(cos, sin), fp32 (T, dims/2) (T sets the NTK base)."""
+        if hasattr(self, f"c{T}"):
+            return getattr(self, f"c{T}"), getattr(self, f"s{T}")
+        base = self.base * (T / self.NTK_LEN) ** (self.dims / (self.dims - 2)) if T > self.NTK_LEN else self.base
+        inv = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float64, device=device) / self.dims)
+        ang = torch.outer(torch.arange(T, dtype=torch.float64, device=device), inv)
+        return ang.cos().float(), ang.sin().float()
 
-    def __call__(self, x: Tensor) -> Tensor:  # (B,T,H,D)
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B,T,H,D), tables (T, dims/2)
         if self.dims == 0:
             return x
-        cos, sin = self.cos_sin(x.size(1), x.device)
         cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
         half = self.dims // 2
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
@@ -654,13 +715,13 @@ class Rotary(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (prev, cur) token-pair embedding; position 0 of every row uses the last bucket (quirk kept)."""
+    """Hashed (prev, cur) token-pair embedding; position 0 uses the last bucket."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.proj = proj(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -670,11 +731,16 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.embed(h.long()))
 
 
+def proj(dim: int, out: int) -> nn.Module:
+    """The reference's rule: a projection only between different widths."""
+    return nn.Linear(dim, out, bias=False) if dim != out else nn.Identity()
+
+
 class ValueEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = proj(dim, kv_dim)
         self.scale = nn.Parameter(torch.tensor(0.1))
         self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
 
@@ -683,7 +749,7 @@ class ValueEmbedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Per-block scalars; the block's matrices live in the GPT's banks and are passed in."""
+    """Per-block scalars; the matrices are bank slices passed in."""
 
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
@@ -696,7 +762,9 @@ class Block(nn.Module):
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         self.H, self.Hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, ve, cache=None):
+    def forward(self, x, x0, wq, wk, wv, wo, wup, wdown, rotary, rope, ve):
+        """bf16 under AMP whatever autocast's op lists say (CUDA runs rms_norm in fp32: AT_FORALL_FP32 in
+        ATen/autocast_mode.h, torch 2.13): q/k norm, RoPE, attention in the autocast dtype, XSA in fp32."""
         B, T, D = x.shape
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln
@@ -706,28 +774,17 @@ class Block(nn.Module):
         if ve is not None:
             v = v + ve.to(v.dtype)
         v = v.view(B, T, self.Hkv, self.hd)
-        if cache is None:
-            q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
-        else:  # KV cache (generation): these T tokens sit at positions P..P+T-1 after the P cached ones
-            P = cache["k"].size(1) if "k" in cache else 0
-            n = max(P + T, cache.get("rope_len", 0))  # RoPE table length (its NTK base depends on it)
-            q, k = (rotary(F.pad(rms_norm(t), (0, 0, 0, 0, P, n - P - T)))[:, P:P + T] for t in (q, k))
+        with torch.autocast(x.device.type, enabled=False):
+            q, k = (rotary(rms_norm(t), *rope) for t in (q, k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if cache is None:
-            y = attend(q, k, v)
-        else:
-            kc = torch.cat((cache["k"], k), 1) if P else k
-            vc = torch.cat((cache["v"], v), 1) if P else v
-            cache["k"], cache["v"] = kc, vc
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                               attn_mask=mask, enable_gqa=self.Hkv != self.H).transpose(1, 2)
-        if self.xsa:  # remove each output's component along the token's own value vector (GQA grouping)
-            yg = y.view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
-            vn = F.normalize(v, dim=-1).unsqueeze(3)
+        y = attend(q, k, v)
+        if self.xsa:  # minus the component along v
+            yg = wide(y).view(B, T, self.Hkv, self.H // self.Hkv, self.hd)
+            vn = F.normalize(wide(v), dim=-1).unsqueeze(3)
             y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, self.H, self.hd)
         x = x + self.attn_scale * F.linear(y.reshape(B, T, D), wo.to(y.dtype))
-        u = F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5).square()
+        u = F.leaky_relu(F.linear(rms_norm(x) * self.ln, wup.to(x.dtype)), 0.5)
+        u = u * u
         return x + self.mlp_scale * F.linear(u, wdown.to(u.dtype))
 
 
@@ -751,7 +808,7 @@ class GPT(nn.Module):
         self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
         self.ve_shared = ValueEmbedding(V, cfg.ve_dim, kv, len(self.ve_layers)) if self.ve_layers else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(D, V, bias=False)
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, (cfg.train_seq_len, cfg.eval_seq_len))
         self.qat = False
         self._init_weights()
 
@@ -764,48 +821,35 @@ class GPT(nn.Module):
                     nn.init.orthogonal_(bank[j])
             self.qo_bank[L:].zero_()
             self.mlp_down_bank.zero_()
-        if self.bigram is not None:
-            nn.init.zeros_(self.bigram.embed.weight)
-            nn.init.orthogonal_(self.bigram.proj.weight)  # the reference's generic pass overrides its zero init
-        if self.ve_shared is not None:
-            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
-            nn.init.orthogonal_(self.ve_shared.proj.weight)
+        for m, init in ((self.bigram, nn.init.zeros_), (self.ve_shared, lambda w: nn.init.normal_(w, std=0.01))):
+            if m is not None:
+                init(m.embed.weight)
+                if isinstance(m.proj, nn.Linear):  # orthogonal as the reference (its generic pass overrides zeros)
+                    nn.init.orthogonal_(m.proj.weight)
         if self.lm_head is not None:
             nn.init.orthogonal_(self.lm_head.weight)
 
     def banks(self):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
 
-    def forward_hidden(self, ids: Tensor, cache: dict | None = None) -> Tensor:
-        """(B,T) token ids -> (B,T,D) final hidden state after the last norm. The only walk over the blocks.
-
-        cache (generation only; None: unchanged): a dict, {} at first, that keeps every layer's keys/values and the
-        last token and embedding; `ids` are then the tokens after the cached ones, and only they are computed. The
-        result equals one uncached call on the whole sequence (to float rounding) while the sequence is at most
-        Rotary.NTK_LEN tokens long; cache["rope_len"] = n fixes the RoPE table at n positions, as a call of n uses."""
+    def forward_hidden(self, ids: Tensor) -> Tensor:
+        """(B,T) ids -> (B,T,D) final hidden state. The only walk over the blocks."""
         L = self.cfg.num_layers
-        qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.qat and self.training else self.banks()
+        qo, kv, up, down = (fake_quant_int6(b) for b in self.banks()) if self.training and self.qat else self.banks()
         x = self.tok_emb(ids)
         if self.bigram is not None:
-            x = x + (self.bigram(ids) if cache is None or "ids" not in cache else
-                     self.bigram(torch.cat((cache["ids"], ids), 1))[:, 1:])
+            x = x + self.bigram(ids)
         x = rms_norm(x)
         g = torch.sigmoid(self.smear).to(x.dtype)
-        if cache is None:
-            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
-        else:  # the token before ids[:, 0] is the last cached one
-            prev = torch.cat((cache["x"], x[:, :-1]), 1) if "x" in cache else F.pad(x[:, :-1], (0, 0, 1, 0))
-            cache["ids"], cache["x"] = ids[:, -1:], x[:, -1:]
-            x = (1 - g) * x + g * prev
-            layers = cache.setdefault("layers", [{"rope_len": cache.get("rope_len", 0)} for _ in self.blocks])
+        x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        rope = self.rotary.tables(ids.size(1), ids.device)
         x0, skips = x, []
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         for i, blk in enumerate(self.blocks):
             if i >= self.n_enc and skips:
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve_i = ve * self.ve_shared.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, ve_i,
-                    None if cache is None else layers[i])
+            x = blk(x, x0, qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i], self.rotary, rope, ve_i)
             if i < self.n_enc:
                 skips.append(x)
         return rms_norm(x)
@@ -814,7 +858,7 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def raw_logits(self, h: Tensor) -> Tensor:
-        """(…,D) -> (…,V) fp32 logits before the softcap; linear in h, which SLOT relies on."""
+        """(…,D) -> (…,V) fp32 logits before the softcap (linear in h)."""
         return F.linear(h.float(), self.head_weight().float())
 
     def softcap(self, z: Tensor) -> Tensor:
@@ -825,9 +869,16 @@ class GPT(nn.Module):
         """(B,T,D) -> (B,T,V) fp32 softcapped logits: the head."""
         return self.softcap(self.raw_logits(h))
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        logits = self.compute_logits(self.forward_hidden(ids))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    def forward(self, ids: Tensor, targets: Tensor, nll=None) -> Tensor:
+        """Mean training CE: head matmul in the autocast dtype, softcapped CE in fp32."""
+        z = F.linear(self.forward_hidden(ids), self.head_weight())
+        return (nll or softcap_nll)(z, targets, self.cfg.logit_softcap).mean()
+
+
+def softcap_nll(z: Tensor, y: Tensor, c: float) -> Tensor:
+    """Per-row CE of c*tanh(z/c) in fp32, as 2c*sigmoid(2z/c) (softmax ignores c)."""
+    a = torch.sigmoid(wide(z) * (2 / c)) * (2 * c)
+    return F.cross_entropy(a.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
 
 
 def count_params(model: nn.Module) -> int:
@@ -839,7 +890,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
-    """Batched quintic Newton-Schulz orthogonalization of (N, r, c) matrices (bf16 where bf16 is fast)."""
+    """Quintic Newton-Schulz orthogonalization of (N, r, c) matrices in `dtype`."""
     a, b, c = NS_COEFFS
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
@@ -849,17 +900,16 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.mT if tall else X).float()
+    return X.mT if tall else X
 
 
 class ParallelMuon:
-    """Muon on the parameter banks, sharded over ranks: reduce-scatter the grads (async), momentum and
-    Newton-Schulz on the local shard, all-gather the updates. World size 1 is the same code with one shard."""
+    """Muon on the banks, sharded over ranks (reduce-scatter, Newton-Schulz, all-gather)."""
 
     def __init__(self, banks: list[nn.Parameter], cfg: Config, rt: Runtime):
         self.banks, self.cfg, self.rt = banks, cfg, rt
         W = rt.world_size
-        self.per = [-(-b.size(0) // W) for b in banks]  # matrices per rank (banks padded to a multiple of W)
+        self.per = [-(-b.size(0) // W) for b in banks]
         self.bufs = [torch.zeros(p, *b.shape[1:], device=b.device) for p, b in zip(self.per, banks)]
         self.lr, self.momentum = cfg.matrix_lr, cfg.muon_momentum
         self._shards: list = []
@@ -872,13 +922,14 @@ class ParallelMuon:
             if W == 1:
                 self._shards.append((g, None))
                 continue
-            pad = torch.zeros(per * W, *g.shape[1:], device=g.device, dtype=torch.float32)
+            dt = torch.bfloat16 if self.rt.amp else torch.float32  # bf16 under AMP, as the reference's collectives
+            pad = torch.zeros(per * W, *g.shape[1:], device=g.device, dtype=dt)
             pad[: g.size(0)] = g
-            out = torch.empty(per, *g.shape[1:], device=g.device, dtype=torch.float32)
+            out = torch.empty(per, *g.shape[1:], device=g.device, dtype=dt)
             self._shards.append((out, dist.reduce_scatter_tensor(out, pad, async_op=True)))
 
     def shard_sq_norm(self) -> Tensor:
-        """Sum of squares of this rank's averaged shard grads (waits for the reduce-scatters)."""
+        """Sum of squares of this rank's averaged shard grads."""
         total = torch.zeros((), device=self.rt.device, dtype=torch.float64)
         for i, (g, work) in enumerate(self._shards):
             if work is not None:
@@ -889,15 +940,14 @@ class ParallelMuon:
         return total
 
     @torch.no_grad()
-    def step(self, clip_scale: float) -> None:
-        W, r = self.rt.world_size, self.rt.rank
+    def step(self, clip_scale: Tensor | None) -> None:
+        W = self.rt.world_size
         gathers = []
         for b, per, buf, (g, _) in zip(self.banks, self.per, self.bufs, self._shards):
-            g = g * clip_scale
+            g = g if clip_scale is None else g * clip_scale
             buf.mul_(self.momentum).add_(g)
             upd = newton_schulz(g + self.momentum * buf, self.cfg.muon_backend_steps,
                                 torch.bfloat16 if self.rt.amp else torch.float32)
-            upd *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
             if W == 1:
                 gathers.append((b, upd, None))
                 continue
@@ -906,7 +956,8 @@ class ParallelMuon:
         for b, full, work in gathers:
             if work is not None:
                 work.wait()
-            b.mul_(1 - self.lr * self.cfg.muon_wd).add_(full[: b.size(0)].to(b.dtype), alpha=-self.lr)
+            shape_scale = max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            b.mul_(1 - self.lr * self.cfg.muon_wd).add_(full[: b.size(0)].to(b.dtype), alpha=-self.lr * shape_scale)
 
     def state_dict(self) -> dict:
         return {"bufs": [t.clone() for t in self.bufs]}
@@ -917,8 +968,7 @@ class ParallelMuon:
 
 
 class Optimizers:
-    """Muon for the banks, AdamW for embeddings (TIED_EMBED_LR) and everything else (SCALAR_LR).
-    Grads are averaged over ranks first, then clipped by their global norm (GRAD_CLIP_NORM)."""
+    """Muon for the banks, AdamW for the rest; grads averaged, then clipped."""
 
     def __init__(self, model: GPT, cfg: Config, rt: Runtime):
         self.model, self.cfg, self.rt = model, cfg, rt
@@ -933,9 +983,10 @@ class Optimizers:
         for g in groups:
             g["base_lr"] = g["lr"]
         self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                      weight_decay=cfg.adam_wd, fused=rt.cuda)
+                                      weight_decay=cfg.adam_wd, fused=True)  # one kernel, no .item() per step
         self.muon = ParallelMuon(banks, cfg, rt)
         self.replicated = [p for g in groups for p in g["params"]]
+        self.comm = [(emb, torch.bfloat16 if rt.amp else torch.float32), (self.replicated[len(emb):], torch.float32)]
 
     def set_schedule(self, lr_mul: float, step: int) -> None:
         for g in self.adam.param_groups:
@@ -943,23 +994,25 @@ class Optimizers:
         self.muon.lr = self.cfg.matrix_lr * lr_mul
         self.muon.momentum = muon_momentum_at(step, self.cfg)
 
-    def step(self) -> float:
-        """Average grads over ranks, clip by the global norm, step both optimizers. Returns the grad norm."""
+    def step(self) -> Tensor:
+        """Average, clip, step: no host sync. Returns the grad norm (0-dim tensor)."""
         self.muon.launch()
         grads = [p.grad for p in self.replicated if p.grad is not None]
-        if self.rt.world_size > 1 and grads:
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
-            all_reduce_(flat).div_(self.rt.world_size)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off: off + g.numel()].view_as(g))
-                off += g.numel()
+        for params, dt in self.comm if self.rt.world_size > 1 else ():
+            part = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([g.reshape(-1).to(dt) for g in part]) if part else None
+            if flat is not None:
+                all_reduce_(flat).div_(self.rt.world_size)
+                off = 0
+                for g in part:
+                    g.copy_(flat[off: off + g.numel()].view_as(g))
+                    off += g.numel()
         sq = sum((g.double().square().sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.rt.device))
         bank_sq = self.muon.shard_sq_norm()
-        total = (sq + all_reduce_(bank_sq)).sqrt().item()
+        total = (sq + all_reduce_(bank_sq.float()).double()).sqrt()  # fp32 on the wire
         clip = self.cfg.grad_clip_norm
-        scale = min(1.0, clip / (total + 1e-6)) if clip > 0 else 1.0
-        if scale < 1.0:
+        scale = (clip / (total + 1e-6)).clamp(max=1.0).float() if clip > 0 else None
+        if scale is not None:
             torch._foreach_mul_(grads, scale)
         self.adam.step()
         self.muon.step(scale)
@@ -982,8 +1035,7 @@ def muon_momentum_at(step: int, cfg: Config) -> float:
 
 
 def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
-    """Linear warmdown: on the wall clock (WARMDOWN_ITERS x measured step time before the cap), or over the
-    last WARMDOWN_ITERS of ITERATIONS when MAX_WALLCLOCK_SECONDS is 0. No LR warmup."""
+    """Linear warmdown over the last WARMDOWN_ITERS (estimated on the wall clock)."""
     if cfg.warmdown_iters <= 0:
         return 1.0
     if cfg.max_wallclock_seconds <= 0:
@@ -996,13 +1048,13 @@ def lr_mul(step: int, elapsed_ms: float, cfg: Config) -> float:
 
 # ---- train ----
 class Logger:
-    """Rank 0 writes each line to stdout and logs/<RUN_ID>.txt; other ranks stay silent."""
+    """Rank 0 prints each line and appends it to the log file."""
 
     def __init__(self, path: Path | None, is_main: bool):
-        self.path, self.is_main, self.bar = path, is_main, None
+        self.path, self.is_main = path, is_main
         if path and is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a", encoding="utf-8")
+            self.fh = open(path, "x", encoding="utf-8")  # never append a second run (run() refuses)
         else:
             self.fh = None
 
@@ -1010,10 +1062,7 @@ class Logger:
         if not self.is_main:
             return
         if console:
-            if self.bar is not None:
-                self.bar.write(msg)
-            else:
-                print(msg, flush=True)
+            print(msg, flush=True)
         if self.fh:
             self.fh.write(msg + "\n")
             self.fh.flush()
@@ -1024,7 +1073,7 @@ class Logger:
             self.fh = None
 
 
-class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow a SIGTERM
+class Interrupted(BaseException):
     pass
 
 
@@ -1050,7 +1099,7 @@ class EMA:
 
 
 def grad_accum_steps(cfg: Config, world: int) -> int:
-    """8 micro-steps per rank-world of 8 (the reference's rule), so the global batch is world-independent."""
+    """8 micro-steps over the world (as the reference): the global batch is world-independent."""
     if world > 8 or 8 % world:
         raise UserError(f"world size {world} must divide 8 (the global batch TRAIN_BATCH_TOKENS={cfg.train_batch_tokens}"
                         " is split into 8 micro-batches): use 1, 2, 4 or 8 processes")
@@ -1062,10 +1111,10 @@ def grad_accum_steps(cfg: Config, world: int) -> int:
 
 
 def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clock=time.perf_counter) -> dict:
-    """Wall-clock-budgeted training; returns {steps, train_seconds}. EMA weights are applied at the end."""
+    """Wall-clock-budgeted training, EMA applied at the end: {steps, train_seconds}."""
     accum = grad_accum_steps(cfg, rt.world_size)
     local_tokens = cfg.train_batch_tokens // (rt.world_size * accum)
-    fwd = maybe_compile(model, rt)
+    fwd, nll = train_loss_fn(model, rt)
     opt = Optimizers(model, cfg, rt)
 
     def micro_steps(loader) -> Tensor:
@@ -1073,32 +1122,34 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
         for _ in range(accum):
             x, y = loader.next_batch(local_tokens, cfg.train_seq_len)
             with amp_ctx(rt):
-                loss = fwd(x, y)
+                loss = fwd(x, y, nll)
             (loss / accum).backward()
             total += loss.detach() / accum
         return total
 
-    if cfg.warmup_steps:  # prime compile/allocator on real steps, then restore the initial state
-        init_model, init_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+    if cfg.warmup_steps:  # prime the graphs, then undo
+        init_model, init_opt, t_warm = copy.deepcopy(model.state_dict()), opt.state_dict(), clock()
         loader = DistributedLoader(cfg, rt)
-        model.train()
         for ws in range(cfg.warmup_steps):
+            model.train()
+            model.qat = cfg.qat_enabled or (cfg.late_qat and ws == cfg.warmup_steps - 1 > 0)  # late QAT's graph too
             opt.zero_grad()
             micro_steps(loader)
             opt.set_schedule(1.0, 0)
             opt.step()
             if cfg.warmup_steps <= 20 or (ws + 1) % 10 == 0 or ws + 1 == cfg.warmup_steps:
                 log(f"warmup_step:{ws + 1}/{cfg.warmup_steps}")
+        model.qat = cfg.qat_enabled
+        if cfg.val_loss_every:
+            rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
+            evaluate_plain(model, ValData(val.tokens[: rows * rt.world_size * cfg.train_seq_len + 1], val.luts), cfg, rt)
         model.load_state_dict(init_model)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
+        log(f"warmup:done seconds:{clock() - t_warm:.1f}")
     loader = DistributedLoader(cfg, rt)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_enabled else None
     model.qat = cfg.qat_enabled
-    bar = None
-    if rt.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = log.bar = tqdm(total=cfg.iterations, desc="train", unit="step", leave=False)
     train_ms, step, stop_after = 0.0, 0, False
     sync(rt)
     t0 = clock()
@@ -1126,28 +1177,22 @@ def train(cfg: Config, rt: Runtime, model: GPT, val: "ValData", log: Logger, clo
         if ema is not None:
             ema.update()
         step += 1
-        loss_v = loss.item()
-        if not math.isfinite(loss_v):
-            raise UserError(f"non-finite training loss ({loss_v}) at step {step}: lower the learning rates "
-                            "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
         elapsed = train_ms + 1000 * (clock() - t0)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.4f}", lr_mul=f"{mul:.3f}")
-        reached = torch.tensor(float(cfg.max_wallclock_seconds > 0 and elapsed >= 1000 * cfg.max_wallclock_seconds),
-                               device=rt.device)
-        if rt.world_size > 1:
-            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        # the step's one host sync
+        flag = (~loss.isfinite()).float() * 2 + float(cfg.max_wallclock_seconds > 0 and
+                                                      elapsed >= 1000 * cfg.max_wallclock_seconds)
+        flag = all_reduce_(flag, dist.ReduceOp.MAX).item()
+        if flag >= 2:
+            raise UserError(f"non-finite training loss ({loss.item()}) at step {step}: lower the learning rates "
+                            "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or check the data")
+        reached = flag == 1
         if step <= 10 or step % max(cfg.train_log_every, 1) == 0 or step == cfg.iterations or \
-                (reached.item() and not stop_after):  # the last training step is always logged
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss_v:.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms", console=bar is None)
-        if reached.item() and not stop_after:
+                (reached and not stop_after):  # the last training step is always logged
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms")
+        if reached and not stop_after:
             stop_after = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{cfg.iterations}")
-    if bar is not None:
-        bar.close()
-        log.bar = None
     model.qat = False
     if ema is not None:
         log("ema:applying EMA weights")
@@ -1172,7 +1217,7 @@ class ArtifactError(UserError):
 
 
 def unbank(sd: dict, L: int) -> dict:
-    """Banks -> per-layer 2-D matrices with the baseline's names (blocks.{i}.attn.c_q.weight, ...)."""
+    """Banks -> per-layer 2-D matrices (blocks.{i}.attn.c_q.weight, ...)."""
     out = {k: v for k, v in sd.items() if k not in BANK_NAMES}
     for bank, (lo, hi) in BANK_NAMES.items():
         for i in range(L):
@@ -1194,16 +1239,14 @@ def rebank(sd: dict, L: int) -> dict:
 
 
 def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linear") -> tuple[Tensor, Tensor]:
-    """Symmetric per-row quantization to [-qmax, qmax]; each row keeps the clip percentile with least error.
-    interpolation="higher" makes each clip an actual |w| of its row, so re-exporting dequantized weights is a
-    fixed point (int8); "linear" (int6) gives clips between the largest values, which the search can exploit."""
+    """Symmetric per-row quantization at each row's least-error clip percentile."""
     w = w.float()
     a = w.abs()
     clips = torch.quantile(a, torch.tensor(percentiles, dtype=torch.float32), dim=1, interpolation=interpolation) \
         if len(percentiles) > 1 or percentiles[0] < 1 else a.amax(dim=1)[None]
     best_q, best_s, best_err = None, None, None
     for clip in clips:
-        s = (clip / qmax).half().clamp_min(2.0 ** -24)  # clamp after the cast: a tiny clip must not round to 0
+        s = (clip / qmax).half().clamp_min(2.0 ** -24)
         q = (w / s.float()[:, None]).round().clamp(-qmax, qmax)
         err = (q * s.float()[:, None] - w).square().sum(1)
         if best_err is None:
@@ -1216,23 +1259,98 @@ def quantize_rows(w: Tensor, qmax: int, percentiles, interpolation: str = "linea
 
 
 def coarsen_rows(w: Tensor, s: Tensor, step: float) -> tuple[Tensor, Tensor]:
-    """int6 codes of w on a grid `step` times coarser than its per-row scales s (fp16, as stored)."""
+    """int6 codes of w on a grid `step` times coarser than its row scales s."""
     s = (s.float() * step).half().clamp_min(2.0 ** -24)
     return (w.float() / s.float()[:, None]).round().clamp(-31, 31).to(torch.int8), s
 
 
-def int6_bits(mats: dict, step: float) -> float:
-    """Order-0 entropy, in bits, of the int6 codes of every (weight, scale) pair in mats at a given step."""
+def gptq_factors(H: Tensor) -> tuple[Tensor, Tensor]:
+    """(U, order) for H (B,C,C): U the upper Cholesky factor of the damped H^-1."""
+    H = H.double().clone()
+    d = H.diagonal(dim1=1, dim2=2)
+    d += 0.01 * d.mean(1, keepdim=True) + (d == 0)  # a dead input is rounded to nearest
+    p = d.argsort(1, descending=True)
+    H = H.gather(1, p[:, :, None].expand_as(H)).gather(2, p[:, None, :].expand_as(H))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float(), p
+
+
+def gptq_codes(w: Tensor, s: Tensor, U: Tensor, p: Tensor, block: int = 128) -> Tensor:
+    """int6 codes of w (B,R,C) on row grids s (B,R) by GPTQ, columns in order p."""
+    p = p[:, None, :].expand(w.shape)
+    W = w.float().gather(2, p).transpose(1, 2).contiguous()  # (B,C,R): a column is contiguous
+    s, Q = s.float(), torch.empty_like(W)
+    for a in range(0, W.size(1), block):
+        b = min(a + block, W.size(1))
+        for j in range(a, b):
+            Q[:, j] = q = (W[:, j] / s).round().clamp(-31, 31)
+            W[:, j] = e = (W[:, j] - q * s) / U[:, j, j, None]
+            W[:, j + 1:b] -= U[:, j, j + 1:b, None] * e[:, None]
+        W[:, b:] -= U[:, a:b, b:].transpose(1, 2) @ W[:, a:b]
+    return torch.empty(w.shape, device=w.device).scatter_(2, p, Q.transpose(1, 2))
+
+
+def int6_codes(mats: dict, step: float, gptq: list = ()) -> dict:
+    """{name: (codes, scales)} at `step`: nearest, or GPTQ for the names in gptq."""
+    out = {k: coarsen_rows(w, s, step) for k, (w, s) in mats.items()}
+    for ks, U, p in gptq:
+        s = torch.stack([out[k][1] for k in ks])
+        q = gptq_codes(torch.stack([mats[k][0] for k in ks]).to(U.device), s.to(U.device), U, p)
+        out.update((k, (qi.to(torch.int8).cpu(), si)) for k, qi, si in zip(ks, q, s))
+    return out
+
+
+def gptq_kinds(names, hessians: dict) -> list:
+    """[(names, U, order)]: the matrices grouped by kind, with gptq_factors."""
+    kinds = {}
+    for k in names:
+        kinds.setdefault(k.split(".", 2)[-1], []).append(k)  # blocks.{i}.attn.c_q.weight -> attn.c_q.weight
+    return [(ks, *gptq_factors(torch.stack([hessians[k] for k in ks]))) for ks in kinds.values()]
+
+
+def int6_bits(mats: dict, step: float, gptq: list = ()) -> float:
+    """Order-0 entropy (bits) of the int6 codes of mats at `step`."""
     bits = 0.0
-    for w, s in mats.values():
-        c = torch.bincount(coarsen_rows(w, s, step)[0].view(-1).long() + 31, minlength=63).double()
-        p = c[c > 0] / w.numel()
-        bits -= w.numel() * float((p * p.log2()).sum())
+    for q, _ in int6_codes(mats, step, gptq).values():
+        c = torch.bincount(q.view(-1).long() + 31, minlength=63).double()
+        p = c[c > 0] / q.numel()
+        bits -= q.numel() * float((p * p.log2()).sum())
     return bits
 
 
+class HessianRecorder(TorchFunctionMode):
+    """Adds fp64 X^T X of each F.linear input whose weight is in `weights` to h[name]."""
+
+    def __init__(self, weights: dict):
+        super().__init__()
+        self.names, self.last = {w.data_ptr(): k for k, w in weights.items()}, (None, None)
+        self.h = {k: w.new_zeros(w.size(1), w.size(1), dtype=torch.float64) for k, w in weights.items()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[1].data_ptr() in self.names:
+            if args[0] is not self.last[0]:  # Q, K and V share an input
+                x = args[0].detach().flatten(0, -2).double()
+                self.last = (args[0], x.T @ x)
+            self.h[self.names[args[1].data_ptr()]] += self.last[1]
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def calibrate(model: GPT, cfg: Config, rt: Runtime) -> dict:
+    """{name: X^T X of its inputs, all-reduced} on the first GPTQ_CALIB_SEQS train sequences."""
+    model.eval()
+    T, (lo, hi) = cfg.train_seq_len, shard_range(cfg.gptq_calib_seqs, rt.rank, rt.world_size)
+    if hi > lo:
+        ids = torch.from_numpy(TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size).take(hi * T)[lo * T:]
+                               .astype(np.int64)).view(hi - lo, T).to(rt.device)
+    rec = HessianRecorder(unbank({n: getattr(model, n).detach() for n in BANK_NAMES}, cfg.num_layers))
+    if hi > lo:
+        with rec:
+            model.forward_hidden(ids)
+    return {k: all_reduce_(h) for k, h in rec.h.items()}
+
+
 def quantize_state(sd: dict, cfg: Config) -> tuple[dict, dict]:
-    """int6 (attn/mlp matrices), int8 (embeddings), fp16 passthrough (<= 65,536 elements). Returns (arrays, meta)."""
+    """int6 (attn/mlp), int8 (embeddings), fp16 (small tensors): (arrays, meta)."""
     keep32 = tuple(p for p in cfg.control_tensor_name_patterns.split(",") if p)
     arrays, meta = {}, {}
     for name, t in unbank(sd, cfg.num_layers).items():
@@ -1274,8 +1392,7 @@ def _compressors() -> dict:
 
 
 def pack_artifact(arrays: dict, meta: dict, arch: dict, only: str = "") -> tuple[bytes, str, dict]:
-    """Serialize and compress with every available compressor (or `only` that one); keep the smallest.
-    Returns (blob, method, sizes)."""
+    """Compress with every compressor (or `only`); keep the smallest: (blob, method, sizes)."""
     header = json.dumps({"meta": meta, "arch": arch,
                          "arrays": [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]}).encode()
     payload = len(header).to_bytes(4, "little") + header + b"".join(np.ascontiguousarray(v).tobytes()
@@ -1330,7 +1447,7 @@ def unpack_artifact(blob: bytes, path: str = "artifact") -> tuple[dict, dict, di
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, rename: a crash never leaves a partial file in place."""
+    """Temp name, fsync, rename: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -1344,40 +1461,59 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def export_model(model: GPT, cfg: Config, budget: int = 0) -> tuple[bytes, str, dict, float]:
-    """Quantize and compress. Over `budget` model bytes (0: no limit), every int6 matrix moves to a grid `step`
-    times coarser than its clip search chose, with one step for all: the step whose predicted size (the int6
-    codes' order-0 entropy, anchored on the last measured size) fits, then measured with the chosen compressor
-    only; up to 4 tries. Returns (blob, method, sizes of the step-1 candidates, step)."""
+def model_budget(cfg: Config, code_bytes: int) -> int:
+    """Model bytes left by ARTIFACT_TARGET_BYTES after the code (0: no limit)."""
+    return max(cfg.artifact_target_bytes - code_bytes, 0)
+
+
+def export_model(model: GPT, cfg: Config, budget: int = 0, hessians: dict | None = None
+                 ) -> tuple[bytes, str, dict, float]:
+    """Quantize and compress; over `budget` bytes every int6 matrix moves to one coarser grid `step`.
+    Returns (blob, method, sizes at step 1, step)."""
     sd = model.state_dict()
     arrays, meta = quantize_state(sd, cfg)
     arch = {k: getattr(cfg, k) for k in ARCH_FIELDS}
-    blob, method, sizes = pack_artifact(arrays, meta, arch)
-    step, goal = 1.0, budget
     mats = {k: (w.detach().cpu(), torch.from_numpy(arrays[k + ".scale"])) for k, w in unbank(sd, cfg.num_layers).items()
             if meta[k]["kind"] == "int6"}
+    gptq = gptq_kinds(mats, hessians) if hessians is not None else []
+
+    def set_codes(step: float) -> None:
+        for k, (q, s) in int6_codes(mats, step, gptq).items():
+            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s.numpy()
+    if gptq:
+        set_codes(1.0)
+    blob, method, sizes = pack_artifact(arrays, meta, arch)
+    step = prev = 1.0
+    goal = budget
     for _ in range(4 if mats and budget else 0):
         if len(blob) <= budget:
             break
-        need, base = 8 * (len(blob) - goal), int6_bits(mats, step)
+        need, base = 8 * (len(blob) - goal), int6_bits(mats, step, gptq)
         lo, hi = step, 32.0
-        for _ in range(20):  # bisection on the predicted saving; every step >= hi saves at least `need` bits
+        for _ in range(20):
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if base - int6_bits(mats, mid) >= need else (mid, hi)
+            lo, hi = (lo, mid) if base - int6_bits(mats, mid, gptq) >= need else (mid, hi)
         step = hi
-        for k, (w, s) in mats.items():
-            q, s2 = coarsen_rows(w, s, step)
-            arrays[k + ".q"], arrays[k + ".scale"] = q.numpy(), s2.numpy()
-        over = len(blob)
-        blob = pack_artifact(arrays, meta, arch, only=method)[0]
-        goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
-        if len(blob) >= over:
+        set_codes(step)
+        coarser = pack_artifact(arrays, meta, arch, only=method)[0]
+        if len(coarser) >= len(blob):
+            step = prev
             break
+        blob, prev = coarser, step
+        goal -= max(len(blob) - budget, 0) + budget // 2000  # the prediction missed: aim lower next time
     return blob, method, sizes, step
 
 
+def export_ranks(model: GPT, cfg: Config, rt: Runtime, budget: int, hessians: dict | None) -> tuple:
+    """export_model's result on every rank; with GPTQ, rank 0's, broadcast."""
+    box = [export_model(model, cfg, budget, hessians) if hessians is None or rt.is_main else None]
+    if hessians is not None and rt.distributed:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def load_artifact(path: str, cfg: Config) -> tuple[GPT, Config]:
-    """A fresh model from an artifact file; its architecture overrides the config's shape fields."""
+    """A fresh model from an artifact; its architecture overrides the config's."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
@@ -1405,9 +1541,7 @@ class ValData:
 
 
 def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over n target positions: (start, length, score_from). Window 0 scores all its positions;
-    each later one scores the `stride` positions after the previous one, the last window is shifted back to end
-    at n so every window keeps full context. Every position in [0, n) is scored exactly once."""
+    """Sliding windows (start, length, score_from) over n targets, each scored once."""
     if n <= seq_len:
         return [(0, n, 0)]
     plan, end = [(0, seq_len, 0)], seq_len
@@ -1416,6 +1550,11 @@ def window_plan(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
         plan.append((new_end - seq_len, seq_len, end - (new_end - seq_len)))
         end = new_end
     return plan
+
+
+def pass_batch(n_windows: int, batch_seqs: int, world: int) -> int:
+    """Windows per scoring batch: the same for a whole pass (the last padded)."""
+    return min(batch_seqs, -(-n_windows // world))
 
 
 def window_chunks(plan, chunk_tokens: int) -> list[int]:
@@ -1428,97 +1567,76 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
     return [(s, min(seq_len, hi - s)) for s in range(lo, hi, seq_len)]
 
 
-def slot_fit_rows(los: Tensor, T: int, mode: str, context: int) -> tuple[Tensor, Tensor, int]:
-    """Which rows SLOT fits on: batch mode, every position but the last of every window, as the seed (one shared
-    delta: NOT causal);
-    causal mode, each window's last `context` positions before its first scored one (all if 0), one delta per
-    window. Returns (fit mask (B,T), group index per fitted row, number of groups)."""
-    pos = torch.arange(T, device=los.device)[None, :]
+def slot_weights(los: Tensor, T: int, mode: str, context: int) -> Tensor:
+    """SLOT fit weights (G,N), G*N = B*T, summing to 1 per group (los: first scored positions; T: padding).
+    batch (NOT causal): one group. causal: per window, `context` (0: all) positions before los."""
+    pos, lo = torch.arange(T, device=los.device)[None, :], los[:, None]
     if mode == "batch":
-        mask = (pos < T - 1).expand(los.numel(), -1)
-        return mask, torch.zeros(int(mask.sum()), dtype=torch.long, device=los.device), 1
-    k = context or T
-    mask = (pos < los[:, None]) & (pos >= (los[:, None] - k))
-    group = torch.arange(los.numel(), device=los.device)[:, None].expand(-1, T)[mask]
-    return mask, group, los.numel()
+        fit = (pos < T - 1) & (lo < T)
+        return (fit / fit.sum().clamp_min(1)).view(1, -1)
+    fit = (pos < lo) & (pos >= lo - (context or T)) & (lo < T)
+    return fit / fit.sum(1, keepdim=True).clamp_min(1)
 
 
-def fit_delta(z: Tensor, y: Tensor, group: Tensor, n_groups: int, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW on one hidden-state delta per group, minimising each group's mean CE of softcap(z + W delta).
+def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
+    """(G,D) deltas -> (G,V) logit shifts W delta."""
+    return F.linear(delta, W)
 
-    z: (R,V) raw logits of the fitted rows (cached: a step never runs the trunk or the (R,D)x(D,V) head),
-    y: (R,) targets, group: (R,) group of each row. Groups never interact: per-group means, no shared clipping.
-    Returns (n_groups, D) in z's dtype. Same update rule as torch.optim.AdamW. A step is elementwise work on row
-    blocks that stay in cache, with softcap(a) = 2c*sigmoid(2a/c) - c (the softmax drops the -c) and
-    softcap'(a) = 4s(1-s): sigmoid costs a fraction of tanh on CPUs. Each group's gradient is summed in row order,
-    so it does not depend on the other groups or on the block size."""
-    c, dt = cfg.logit_softcap, z.dtype
-    W = W.to(dt)
-    delta = torch.zeros(n_groups, W.size(1), dtype=dt, device=z.device)
-    R, V = z.shape
-    if R == 0 or cfg.slot_steps == 0:
-        return delta
+
+def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tensor:
+    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) over (G,N,V) raw logits z, with
+    sigmoid(2(z + W delta)/c) = 1/(1 + PQ), P = exp(-2z/c), Q = exp(-2 W delta/c) (README: SLOT)."""
+    c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
+    W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
+    P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # PQ stays finite
+    hot = y.int()[..., None] == torch.arange(z.size(-1), device=z.device, dtype=torch.int32)  # int32: cheaper
+    delta = z.new_zeros(z.size(0), W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
-    scale = (4.0 / torch.bincount(group, minlength=n_groups).clamp_min(1).to(dt))[:, None]  # group mean; 4s(1-s)
-    nb = R if z.is_cuda else max(1, min(R, (1 << 19) // V))  # CPU: 2 MB blocks stay in cache; GPU: one launch
-    xb, pb = z.new_empty(nb, V), z.new_empty(nb, V)
-    cell = group * V + y  # (group, target) of each row in the flat (G*V) gradient
-    lr, b1, b2 = cfg.slot_lr, cfg.slot_beta1, cfg.slot_beta2
     for t in range(1, cfg.slot_steps + 1):
-        u = (delta @ W.T).mul_(2 / c)
-        g = torch.zeros(n_groups, V, dtype=dt, device=z.device)
-        for a in range(0, R, nb):
-            b = min(a + nb, R)
-            x, p, gr = xb[: b - a], pb[: b - a], group[a:b]
-            torch.index_select(u, 0, gr, out=x).add_(z[a:b], alpha=2 / c)
-            x.sigmoid_()  # s = sigmoid(2(z + W delta)/c)
-            torch.softmax(torch.mul(x, 2 * c, out=p), -1, out=p)
-            x.addcmul_(x, x, value=-1)  # s(1-s)
-            g.index_add_(0, gr, p.mul_(x))  # softmax part of d(CE)/d(z + W delta)
-            g.view(-1).index_add_(0, cell[a:b], x.gather(1, y[a:b, None]).squeeze(1), alpha=-1)  # one-hot part
-        g = g.mul_(scale) @ W
-        delta.mul_(1 - lr * cfg.slot_wd)
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(cfg.slot_eps)
-        delta.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        s = 1 / (1 + P * torch.exp((slot_shift(delta, W) * (-2 / c)).clamp(-80, 43))[:, None, :])
+        e = torch.exp((s - 1) * (2 * c))
+        gu = ((e * (wt / e.sum(-1))[..., None] - hot * wt[..., None]) * (s - s * s)).sum(1)  # dL/d(W delta) (G,V)
+        g = gu @ W  # dL/d delta (G,D)
+        m = m * b1 + g * (1 - b1)
+        v = v * b2 + g * g * (1 - b2)
+        delta = delta * (1 - lr * cfg.slot_wd) - lr / (1 - b1 ** t) * m / (v.sqrt() / math.sqrt(1 - b2 ** t) + cfg.slot_eps)
     return delta
+
+
+def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bool) -> tuple[Tensor, Tensor | None]:
+    """Per-position NLL (B,T) on h (B,T,D): plain and, with slot, with the fitted delta."""
+    z = F.linear(h, W)
+    plain = softcap_nll(z, y, cfg.logit_softcap)
+    if not slot:
+        return plain, None
+    wt = slot_weights(los, z.size(1), cfg.slot_mode, cfg.slot_context)
+    G, V = wt.size(0), z.size(-1)
+    delta = fit_delta(z.view(G, -1, V), y.reshape(G, -1), wt, W, cfg)
+    return plain, softcap_nll(z + slot_shift(delta, W).view(G, 1, V), y, cfg.logit_softcap)
 
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
                 slot: bool) -> tuple[Tensor, dict]:
-    """One trunk pass for a batch of windows; returns (scored mask (B,T), {variant: fp64 NLL of scored rows}).
-    Variant "plain" is the model as is; "slot" adds the fitted delta (computed from the same hidden states)."""
-    B, T = x.shape
+    """One trunk pass: (scored mask, {variant: (B,T) fp64 NLL, 0 where unscored})."""
     with torch.no_grad():
         with amp_ctx(rt):
             h = hidden_fn(x)
-        h = h if h.dtype == torch.float64 else h.float()  # fp32 head (bf16 trunk); a float64 model stays float64
-        W = model.head_weight().to(h.dtype)
-        scored = torch.arange(T, device=x.device)[None, :] >= los[:, None]
-        zs, ys = F.linear(h[scored], W), y[scored]  # model.raw_logits, without its cast to fp32
-        out = {"plain": F.cross_entropy(model.softcap(zs), ys, reduction="none").double()}
-        if slot:
-            fit, group, n_groups = slot_fit_rows(los, T, cfg.slot_mode, cfg.slot_context)
-            delta = fit_delta(F.linear(h[fit], W), y[fit], group, n_groups, W, cfg)
-            sgroup = torch.zeros_like(ys) if cfg.slot_mode == "batch" else \
-                torch.arange(B, device=x.device)[:, None].expand(-1, T)[scored]
-            zd = torch.index_select(delta @ W.T, 0, sgroup).add_(zs)
-            zd.div_(model.cfg.logit_softcap).tanh_().mul_(model.cfg.logit_softcap)  # = model.softcap, in place
-            out["slot"] = F.cross_entropy(zd, ys, reduction="none").double()
-    return scored, out
+        h = wide(h)  # a float64 model stays float64
+        nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, los, cfg, slot)
+    scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
+    return scored, {v: torch.where(scored, t, 0).double() for v, t in zip(("plain", "slot"), nll) if t is not None}
 
 
 def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int, hi: int, lr: float, cfg: Config,
                     rt: Runtime) -> None:
-    """Train on positions [lo, hi) (all already scored): TTT_EPOCHS passes over non-overlapping rows split across
-    ranks, grads averaged over ranks, clipped, SGD."""
+    """TTT on positions [lo, hi), all scored already: rows split over ranks, SGD."""
     rows = ttt_rows(lo, hi, cfg.eval_seq_len)
     a, b = shard_range(len(rows), rt.rank, rt.world_size)
     mine = rows[a:b]
     n_batches = max(-(-len(rows) // (cfg.ttt_batch_seqs * rt.world_size)), 1)  # equal on every rank
     for g in opt.param_groups:
         g["lr"] = lr
+    fwd, nll = train_loss_fn(model, rt)
     model.train()
     for _ in range(cfg.ttt_epochs):
         for bi in range(n_batches):
@@ -1531,9 +1649,9 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
             for n, starts in by_len.items():
                 xy = torch.stack([val.tokens[s: s + n + 1] for s in starts]).to(rt.device)
                 with amp_ctx(rt):
-                    loss = model(xy[:, :-1], xy[:, 1:])
+                    loss = fwd(xy[:, :-1], xy[:, 1:], nll)
                 (loss * (len(starts) * n / max(total, 1))).backward()
-            for p in params:  # average over ranks (ranks with no rows contribute zero)
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             if rt.world_size > 1:
@@ -1556,9 +1674,8 @@ def ttt_train_chunk(model: GPT, opt, params, frozen_banks, val: ValData, lo: int
 def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: int, stride: int, batch_seqs: int,
               slot: bool, ttt: bool, collect: bool = False, log: Logger | None = None, label: str = "",
               rank: int | None = None, world: int | None = None) -> dict:
-    """One left-to-right scoring pass. Without TTT: sliding windows. With TTT: the windows are grouped in chunks
-    of TTT_CHUNK_TOKENS; each chunk is scored first (inference mode), then trained on, except the last.
-    Returns {variant: {"nll", "tokens", "bytes", "loss", "bpb"}} (+ "nll_stream" per variant when collect)."""
+    """One left-to-right scoring pass: sliding windows; with TTT, each chunk scored, then trained on.
+    Returns {variant: {nll, tokens, bytes, loss, bpb}}."""
     rank = rt.rank if rank is None else rank
     world = rt.world_size if world is None else world
     tokens = val.tokens
@@ -1570,8 +1687,8 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
     for w, ch in zip(plan, window_chunks(plan, C)):
         by_chunk[min(ch, n_chunks - 1)].append(w)
     variants = ["plain"] + (["slot"] if slot else [])
-    ctw = cfg.ctw_weight > 0  # CTW_WEIGHT=0: nothing below is computed, no variant added (bit-identical)
-    if ctw:  # one causal CTW pass over the whole stream, indexed by the scored positions; adds ctw / slot_ctw
+    ctw = cfg.ctw_weight > 0
+    if ctw:
         t_ctw = time.perf_counter()
         ctw_lp = ctw_log_probs(tokens.to(rt.device), cfg.vocab_size, cfg.ctw_depth, cfg.ctw_alpha)
         variants += [ctw_variant(v) for v in variants]
@@ -1579,7 +1696,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             log(f"ctw: depth={cfg.ctw_depth} alpha={cfg.ctw_alpha or 1 / cfg.vocab_size:g} weight={cfg.ctw_weight} "
                 f"mix=linear(fixed) tokens={n} "
                 f"time={time.perf_counter() - t_ctw:.2f}s")
-    sums = torch.zeros(len(variants), 3, dtype=torch.float64)
+    sums = torch.zeros(len(variants), 3, dtype=torch.float64, device=rt.device)  # read once, at the end
     streams = {v: torch.full((n,), float("nan"), dtype=torch.float64) for v in variants} if collect else None
     hidden_fn = maybe_compile(model.forward_hidden, rt)
     luts = val.luts.to(rt.device) if val.luts is not None else None
@@ -1603,42 +1720,41 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
             log(f"ttt_sliding:params unfrozen={count_params(model) - n_frozen} frozen={n_frozen}")
     t0 = time.perf_counter()
     model.eval()
+    B = pass_batch(len(plan), batch_seqs, world)
     for ci, wins in enumerate(by_chunk):
         a, b = shard_range(len(wins), rank, world)
         mine = wins[a:b]
-        for bi in range(0, len(mine), batch_seqs):
-            batch = mine[bi: bi + batch_seqs]
-            T = batch[0][1]
-            idx = torch.tensor([ws for ws, _, _ in batch])[:, None] + torch.arange(T + 1)[None, :]
+        for bi in range(0, len(mine), B):
+            batch = mine[bi: bi + B]
+            T, pad = batch[0][1], B - len(batch)  # padding: fits and scores nothing
+            idx = torch.tensor([ws for ws, _, _ in batch] + [batch[0][0]] * pad)[:, None] + torch.arange(T + 1)
             xy = tokens[idx].to(rt.device)
             x, y = xy[:, :-1], xy[:, 1:]
-            los = torch.tensor([lo for _, _, lo in batch], device=rt.device)
-            scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)
-            if ctw:  # idx[:, j] = ws + j: the stream index of target y[:, j]
-                lp = ctw_lp[idx[:, :-1].to(rt.device)[scored]]
-                nlls.update({ctw_variant(v): ctw_mix(nlls[v], lp, cfg.ctw_weight) for v in list(nlls)})
-            nbytes = luts.target_bytes(x[scored], y[scored]).sum().item() if luts is not None else 0
+            los = torch.tensor([lo for _, _, lo in batch] + [T] * pad, device=rt.device)
+            scored, nlls = score_batch(model, hidden_fn, x, y, los, cfg, rt, slot)  # masked sums: no host sync
+            pos = idx[:, :-1].to(rt.device)  # stream index of each target
+            if ctw:
+                nlls.update({ctw_variant(v): torch.where(scored, ctw_mix(nlls[v], ctw_lp[pos], cfg.ctw_weight), 0)
+                             for v in list(nlls)})
+            nbytes = (luts.target_bytes(x, y) * scored).sum() if luts is not None else 0
             for vi, v in enumerate(variants):
-                sums[vi, 0] += nlls[v].sum().item()
-                sums[vi, 1] += nlls[v].numel()
+                sums[vi, 0] += nlls[v].sum()
+                sums[vi, 1] += scored.sum()
                 sums[vi, 2] += nbytes
                 if collect:
-                    pos = (torch.tensor([ws for ws, _, _ in batch], device=rt.device)[:, None] +
-                           torch.arange(T, device=rt.device)[None, :])[scored]
-                    streams[v][pos.cpu()] = nlls[v].cpu()
+                    streams[v][pos[scored].cpu()] = nlls[v][scored].cpu()
         if ttt and ci < n_chunks - 1:
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
             ttt_train_chunk(model, opt, params, frozen_banks, val, ci * C, min((ci + 1) * C, n), lr, cfg, rt)
         if ttt and log and (ci % 10 == 0 or ci == n_chunks - 1):
-            s = all_reduce_(sums.clone().to(rt.device)).cpu() if rt.world_size > 1 else sums
+            s = all_reduce_(sums.clone()).cpu()
             bpb = s[-1, 0] / math.log(2) / max(s[-1, 2].item(), 1)
             log(f"  ttt_chunk [{ci + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
     if ttt:
         model.load_state_dict(saved)
         for p in model.parameters():
             p.requires_grad_(True)
-    if rt.world_size > 1:
-        sums = all_reduce_(sums.to(rt.device)).cpu()
+    sums = all_reduce_(sums).cpu()
     out = {}
     for vi, v in enumerate(variants):
         nll, tok, nb = sums[vi].tolist()
@@ -1651,7 +1767,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
 
 
 def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
-    """Non-overlapping TRAIN_SEQ_LEN rows, every target once (diagnostic and the roundtrip score)."""
+    """Non-overlapping TRAIN_SEQ_LEN rows, every target once."""
     rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
     r = eval_pass(model, val, dataclasses.replace(cfg, ctw_weight=0.0), rt, seq_len=cfg.train_seq_len,
                   stride=cfg.train_seq_len, batch_seqs=rows, slot=False, ttt=False)["plain"]
@@ -1665,11 +1781,10 @@ def final_variant(cfg: Config) -> str:
 
 
 def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
-    """NLL (float64) of every target tokens[1:], in stream order, by the final evaluation's code path (sliding
-    windows, TTT and SLOT as configured) on one process. The model's weights are left as they were."""
+    """float64 NLL of every target, by the final evaluation's path on one process."""
     device = next(model.parameters()).device
     amp = cfg.amp and (device.type == "cuda" or cpu_bf16_is_fast())  # as setup_runtime decides it
-    rt = Runtime(device=device, amp=amp, compile=False)
+    rt = Runtime(device=device, amp=amp, compile=False, compile_head=cfg.compile_head)
     r = eval_pass(model, ValData(tokens.long().cpu(), None), cfg, rt, seq_len=cfg.eval_seq_len,
                   stride=cfg.eval_stride, batch_seqs=cfg.eval_batch_seqs, slot=cfg.slot_enabled,
                   ttt=cfg.ttt_enabled, collect=True)
@@ -1677,8 +1792,7 @@ def score_stream(model: GPT, tokens: Tensor, cfg: Config) -> Tensor:
 
 
 def stage_compliance(variant: str, cfg: Config) -> str:
-    """'causal' when every scored distribution depends only on the artifact and the strict prefix (C1-C4).
-    A CTW mixture (ctw, slot_ctw) is as causal as its base variant: the CTW model itself is causal."""
+    """'causal' when scores depend only on the artifact and the strict prefix."""
     variant = "plain" if variant == "ctw" else variant.removesuffix("_ctw")
     if variant == "slot" and cfg.slot_mode == "batch":
         return "non-causal"
@@ -1686,8 +1800,7 @@ def stage_compliance(variant: str, cfg: Config) -> str:
 
 
 def _sorted_groups(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable sort of keys: (order, first) where first[i] is the sorted index where sorted entry i's group starts.
-    Within a group the sorted entries are in stream order (stable), so i - first[i] = earlier occurrences."""
+    """Stable sort: (order, first), first[i] = start of sorted entry i's group."""
     order = torch.argsort(keys, stable=True)
     sk = keys[order]
     idx = torch.arange(keys.numel(), device=keys.device)
@@ -1705,8 +1818,7 @@ def _earlier_count(keys: Tensor) -> Tensor:
 
 
 def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
-    """For each position t: the sum of v over positions < t in t's group (segmented exclusive scan by doubling:
-    log2(largest group) vectorised steps, each sum accumulated within its own group only)."""
+    """Per position: sum of v over earlier positions of its group (scan by doubling)."""
     sv = v[order]
     idx = torch.arange(v.numel(), device=v.device)
     acc = torch.zeros_like(sv)
@@ -1724,22 +1836,8 @@ def _earlier_sum(order: Tensor, first: Tensor, v: Tensor) -> Tensor:
 
 
 def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) -> Tensor:
-    """Context Tree Weighting over the token stream: float64 log p_ctw(tokens[t] | tokens[:t]) for t = 1..N.
-
-    Tree: the node of order j for target t is its previous j tokens (positions before the stream start read as a
-    pad symbol `vocab`, so every target has a full path of depth `depth`). Node ids are exact (no hashing, any
-    depth and vocab): id_j = rank of the pair (id_{j-1}, token j back) among all pairs, so id_j < N.
-    Each node predicts with a Dirichlet (add-alpha) estimator (n(s,y) + alpha) / (n(s) + vocab * alpha), counts
-    over EARLIER targets of the stream only; alpha = 1/2 is KT, alpha = 0 means 1/vocab (Perks: total prior mass
-    1, far sharper than KT on a 1024-token alphabet where a context seen once should already predict its
-    continuation). Weighting (CTW, multi-alphabet), with e_j the estimator at the order-j node: leaf p_D = e_D;
-    for j < D, p_j(y) = w_j e_j(y) + (1 - w_j) p_{j+1}(y) with w_j = beta_j / (1 + beta_j), log beta_j(s) = sum
-    over earlier targets through node s of log e_j(y) - log p_{j+1}(y) (beta = 1 for a fresh node): the weights
-    come from past data only. This is sequential CTW
-    (P_w = 1/2 P_e + 1/2 prod P_w(children)) exactly; every p_j is a convex mixture of normalised distributions,
-    so p_ctw = p_0 is normalised over the whole vocabulary. Vectorised: per order two stable sorts and a
-    segmented scan, no Python loop over tokens. Causal by construction: entry i (target tokens[i+1]) depends on
-    tokens[:i+1] only (its context, and counts and weights accumulated over the earlier targets)."""
+    """Context Tree Weighting (README: CTW): float64 log p(tokens[t] | tokens[:t]), t = 1..N, from
+    counts over earlier targets only. Vectorised: sorts and segmented scans."""
     s = tokens.long()
     n, dev = s.numel() - 1, s.device
     alpha = alpha or 1.0 / vocab
@@ -1768,30 +1866,29 @@ def ctw_log_probs(tokens: Tensor, vocab: int, depth: int, alpha: float = 0.0) ->
 
 
 def ctw_variant(v: str) -> str:
-    """Name of the CTW-mixed variant of a scoring variant: plain -> ctw, slot -> slot_ctw."""
+    """plain -> ctw, slot -> slot_ctw."""
     return "ctw" if v == "plain" else v + "_ctw"
 
 
 def ctw_mix(nll: Tensor, ctw_lp: Tensor, w: float) -> Tensor:
-    """NLL under the linear mixture (1 - w) p_model + w p_ctw (fixed weight w = CTW_WEIGHT in (0, 1)); a convex
-    mix of two normalised distributions over the vocabulary is normalised. Computed stably in log space."""
+    """NLL under (1 - w) p_model + w p_ctw, in log space."""
     return -torch.logaddexp(math.log1p(-w) - nll, math.log(w) + ctw_lp.to(nll.dtype))
 
 
 def estimate_eval_seconds(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> float:
-    """Extrapolate the sliding and TTT passes from one timed scoring batch (forward ~1/3 of a train step)."""
-    T = min(cfg.eval_seq_len, val.tokens.numel() - 1)
-    x = val.tokens[: cfg.eval_batch_seqs * T].view(-1, T)[: cfg.eval_batch_seqs].to(rt.device) \
-        if val.tokens.numel() > cfg.eval_batch_seqs * T else val.tokens[:T][None].to(rt.device)
-    los = torch.full((x.size(0),), max(T - cfg.eval_stride, 0), device=rt.device)
-    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)  # warm
-    sync(rt)
-    t = time.perf_counter()
-    score_batch(model, model.forward_hidden, x, x, los, cfg, rt, cfg.slot_enabled)
-    sync(rt)
-    per_token = (time.perf_counter() - t) / x.numel()
+    """Extrapolate the sliding and TTT passes from one timed scoring batch."""
     n = val.tokens.numel() - 1
-    windows = len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
+    T, windows = min(cfg.eval_seq_len, n), len(window_plan(n, cfg.eval_seq_len, cfg.eval_stride))
+    B = pass_batch(windows, cfg.eval_batch_seqs, rt.world_size)
+    x = val.tokens[: T + 1].repeat(B, 1).to(rt.device)
+    los = torch.full((B,), max(T - cfg.eval_stride, 0), device=rt.device)
+    hidden_fn = maybe_compile(model.forward_hidden, rt)
+    for i in range(2):  # warm, then timed
+        sync(rt)
+        t = time.perf_counter()
+        score_batch(model, hidden_fn, x[:, :-1], x[:, 1:], los, cfg, rt, cfg.slot_enabled)
+        sync(rt)
+    per_token = (time.perf_counter() - t) / (B * T)
     scoring = windows * T * per_token / rt.world_size
     ttt = scoring + 3 * cfg.ttt_epochs * n * per_token / rt.world_size if cfg.ttt_enabled else 0.0
     return scoring + ttt
@@ -1804,13 +1901,16 @@ def write_json(path: Path, obj: dict) -> None:
 
 def run(env: dict) -> dict:
     cfg = Config.from_env(env)
+    run_id = cfg.run_id or str(uuid.uuid4())
+    out_dir = Path(cfg.out_dir)
+    if (out_dir / f"{run_id}.txt").exists():
+        raise UserError(f"{out_dir / (run_id + '.txt')} exists (an earlier run with RUN_ID={run_id}): set another "
+                        "RUN_ID, or unset it for a fresh one")
     rt = setup_runtime(cfg, env)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    run_id = cfg.run_id or str(uuid.uuid4())
-    out_dir = Path(cfg.out_dir)
     loaded = load_artifact(cfg.load_artifact, cfg) if cfg.eval_only else None  # fail before OUT_DIR is touched
-    source = Path(__file__).read_bytes()  # the code that runs: measured once, before anyone can edit the file
+    source = Path(__file__).read_bytes()
     log = Logger(out_dir / f"{run_id}.txt", rt.is_main)
     try:
         return _run(cfg, rt, env, run_id, out_dir, loaded, source, log)
@@ -1820,10 +1920,17 @@ def run(env: dict) -> dict:
 
 def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded, source: bytes, log: Logger) -> dict:
     log(f"logs/run_id:{run_id} log:{out_dir / (run_id + '.txt')}")
-    log(source.decode("utf-8"), console=False)
+    try:
+        code = _SRC  # noqa: F821  set by a wrapper (tools/pack_code.py): the source it executes
+    except NameError:
+        code = source
+    log(code.decode("utf-8"), console=False)
     log(f"python:{sys.version.split()[0]} torch:{torch.__version__} device:{rt.device} world_size:{rt.world_size} "
-        f"attention:{attention_backend(rt.device)} amp:{int(rt.amp)} compile:{int(rt.compile)}")
-    for w in env_warnings(env):
+        f"attention:{_flash[0][0] if _flash and rt.cuda else 'sdpa'} amp:{int(rt.amp)} compile:{int(rt.compile)} "
+        f"compile_head:{int(rt.compile_head)} cuda:{torch.version.cuda}")
+    log(f"code:{Path(__file__).name} bytes:{len(source)} sha256:{hashlib.sha256(source).hexdigest()} "
+        f"packed:{int(code is not source)}")
+    for w in env_warnings(env) + [f"WARNING: {n}: attention falls back to SDPA" for n in FLASH_NOTES]:
         log(w)
     log("config " + " ".join(f"{f.name.upper()}={_format_value(getattr(cfg, f.name))}" for f in fields(cfg)))
     luts = load_tokenizer_luts(cfg)
@@ -1858,7 +1965,19 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
         log(f"train_batch_tokens:{cfg.train_batch_tokens} train_seq_len:{cfg.train_seq_len} iterations:{cfg.iterations} "
             f"warmup_steps:{cfg.warmup_steps} max_wallclock_seconds:{cfg.max_wallclock_seconds:.3f}")
         log(f"seed:{cfg.seed}")
-        summary.update(train(cfg, rt, model, val, log))
+        reserve = cfg.gptq_reserve_seconds if cfg.gptq and cfg.max_wallclock_seconds else 0.0  # calibration's
+        summary.update(train(dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - reserve),
+                             rt, model, val, log))
+        hessians = None
+        if cfg.gptq:
+            t = time.perf_counter()
+            hessians = calibrate(model, cfg, rt)
+            sync(rt)
+            summary["calib_seconds"] = secs = time.perf_counter() - t
+            log(f"gptq:calibrated seqs:{cfg.gptq_calib_seqs} calib_time:{1000 * secs:.0f}ms "
+                f"reserve:{1000 * reserve:.0f}ms train+calib:{1000 * (summary['train_seconds'] + secs):.0f}ms")
+            if secs > reserve > 0:
+                log(f"WARNING: calibration overran GPTQ_RESERVE_SECONDS={reserve:g} (raise it or lower GPTQ_CALIB_SEQS)")
         log(f"peak memory allocated: {peak_memory_mb(rt):.0f} MiB")
         t = time.perf_counter()
         vl, vb = evaluate_plain(model, val, cfg, rt)
@@ -1867,7 +1986,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
                                          "compliance": "causal"}
         t = time.perf_counter()
         target = cfg.artifact_target_bytes
-        blob, method, sizes, step = export_model(model.cpu(), cfg, max(target - len(source), 0) if target else 0)
+        blob, method, sizes, step = export_ranks(model.cpu(), cfg, rt, model_budget(cfg, len(source)), hessians)
         if rt.is_main:
             atomic_write(artifact_path, blob)
         if rt.world_size > 1:
@@ -1884,7 +2003,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     nbytes_code = len(source)
     total = nbytes_code + blob_len
     fits = total <= 16_000_000
-    log(f"Code size: {nbytes_code} bytes")
+    log(f"Code size: {nbytes_code} bytes" + (" (the packed wrapper that ran)" if code is not source else ""))
     log(f"Total submission size int6: {total} bytes")
     if not fits:
         log(f"FAIL artifact_too_large total:{total} bytes > 16000000 (code {nbytes_code} + model {blob_len})")
@@ -1929,6 +2048,8 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
     summary["val_bpb_compliant"] = summary["stages"][compliant[-1]]["val_bpb"] if compliant else None
     summary["val_bytes"] = res["plain"]["bytes"]
     summary["peak_memory_mb"] = peak_memory_mb(rt)
+    summary["attention_calls"] = {k: int(v) for k, v in ATTN_CALLS.items() if int(v)}
+    log("attention_calls " + " ".join(f"{k}:{v}" for k, v in summary["attention_calls"].items()))
     log(f"final stage:{last} val_bpb:{summary['val_bpb']:.8f} compliance:{summary['stages'][last]['compliance']} "
         f"eval_seconds:{summary['eval_seconds']:.1f} peak_memory_mb:{summary['peak_memory_mb']:.0f}")
     if rt.is_main:
@@ -1950,7 +2071,7 @@ def main(env=None) -> int:
     except UserError as e:
         if debug:
             raise
-        if env.get("RANK", "0") == "0":  # every rank hits the same user error: rank 0 reports it once
+        if env.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
@@ -1972,84 +2093,3 @@ def main(env=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-python:3.11.7 torch:2.13.0+cpu device:cpu world_size:1 attention:sdpa amp:1 compile:0
-config PRESET=cpu DATA_PATH=./data/datasets/offline_sp1024 TOKENIZER_PATH=./data/tokenizers/offline_1024_bpe.model RUN_ID=cpu_causal_s1337 OUT_DIR=logs SEED=1337 DEVICE= COMPILE=0 AMP=1 EVAL_ONLY=0 LOAD_ARTIFACT= VAL_MAX_TOKENS=0 EVAL_TIME_LIMIT_SECONDS=300.0 VAL_BATCH_SIZE=16384 VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=10 EVAL_SEQ_LEN=256 EVAL_STRIDE=64 EVAL_BATCH_SEQS=16 ITERATIONS=10000 WARMDOWN_ITERS=25 WARMUP_STEPS=2 TRAIN_BATCH_TOKENS=16384 TRAIN_SEQ_LEN=256 MAX_WALLCLOCK_SECONDS=270.0 VOCAB_SIZE=1024 NUM_LAYERS=4 MODEL_DIM=256 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=3.0 TIE_EMBEDDINGS=1 ROPE_BASE=10000.0 LOGIT_SOFTCAP=30.0 QK_GAIN_INIT=1.5 BIGRAM_VOCAB_SIZE=1536 BIGRAM_DIM=128 XSA_LAST_N=2 ROPE_DIMS=16 LN_SCALE=1 VE_ENABLED=1 VE_DIM=128 VE_LAYERS=2,3 EMBED_LR=0.6 HEAD_LR=0.008 TIED_EMBED_LR=0.035 TIED_EMBED_INIT_STD=0.005 MATRIX_LR=0.025 SCALAR_LR=0.025 MUON_MOMENTUM=0.99 MUON_BACKEND_STEPS=5 MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=20 MUON_WD=0.04 BETA1=0.9 BETA2=0.95 ADAM_EPS=1e-08 ADAM_WD=0.04 GRAD_CLIP_NORM=0.3 EMA_ENABLED=1 EMA_DECAY=0.9 LATE_QAT=1 LATE_QAT_THRESHOLD=0.15 QAT_ENABLED=0 TTT_ENABLED=1 TTT_LR=0.002 TTT_EPOCHS=3 TTT_CHUNK_TOKENS=8192 TTT_FREEZE_BLOCKS=0 TTT_MOMENTUM=0.9 TTT_BATCH_SEQS=16 TTT_GRAD_CLIP=1.0 SLOT_ENABLED=1 SLOT_MODE=causal SLOT_LR=0.005 SLOT_STEPS=8 SLOT_WD=1e-08 SLOT_EPS=1e-05 SLOT_BETA1=0.9 SLOT_BETA2=0.999 SLOT_CONTEXT=0 CTW_WEIGHT=0.0 CTW_DEPTH=4 CTW_ALPHA=0.0 CONTROL_TENSOR_NAME_PATTERNS= ARTIFACT_TARGET_BYTES=16000000
-val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path=./data/tokenizers/offline_1024_bpe.model
-val_loader:shards pattern=./data/datasets/offline_sp1024/fineweb_val_*.bin tokens:65535
-train_loader:dataset:offline_sp1024 train_shards:7
-model_params:3003156
-XSA:last_2 active_layers:[2, 3]
-world_size:1 grad_accum_steps:8
-attention_mode:gqa num_heads:4 num_kv_heads:2
-tie_embeddings:True embed_lr:0.035 head_lr:0.0 matrix_lr:0.025 scalar_lr:0.025
-train_batch_tokens:16384 train_seq_len:256 iterations:10000 warmup_steps:2 max_wallclock_seconds:270.000
-seed:1337
-warmup_step:1/2
-warmup_step:2/2
-step:1/10000 train_loss:6.9364 train_time:1979ms step_avg:1978.84ms
-step:2/10000 train_loss:7.1399 train_time:4022ms step_avg:2010.97ms
-step:3/10000 train_loss:7.1868 train_time:6064ms step_avg:2021.37ms
-step:4/10000 train_loss:6.5996 train_time:8047ms step_avg:2011.74ms
-step:5/10000 train_loss:6.2707 train_time:10041ms step_avg:2008.23ms
-step:6/10000 train_loss:6.4838 train_time:11825ms step_avg:1970.84ms
-step:7/10000 train_loss:6.3216 train_time:13736ms step_avg:1962.30ms
-step:8/10000 train_loss:6.4535 train_time:15668ms step_avg:1958.55ms
-step:9/10000 train_loss:6.2931 train_time:17651ms step_avg:1961.27ms
-step:10/10000 train_loss:6.1375 train_time:19655ms step_avg:1965.53ms
-step:20/10000 train_loss:5.3450 train_time:38491ms step_avg:1924.54ms
-step:30/10000 train_loss:4.4857 train_time:55932ms step_avg:1864.39ms
-step:40/10000 train_loss:4.3122 train_time:71269ms step_avg:1781.72ms
-step:50/10000 train_loss:4.1382 train_time:86097ms step_avg:1721.95ms
-step:60/10000 train_loss:4.0180 train_time:100248ms step_avg:1670.80ms
-step:70/10000 train_loss:4.1620 train_time:114492ms step_avg:1635.59ms
-step:80/10000 train_loss:3.9655 train_time:129598ms step_avg:1619.97ms
-step:90/10000 train_loss:3.6867 train_time:144579ms step_avg:1606.43ms
-step:100/10000 train_loss:3.7828 train_time:161032ms step_avg:1610.32ms
-step:110/10000 train_loss:3.7780 train_time:179906ms step_avg:1635.51ms
-step:120/10000 train_loss:3.7337 train_time:197605ms step_avg:1646.70ms
-step:130/10000 train_loss:3.7639 train_time:213470ms step_avg:1642.08ms
-step:140/10000 train_loss:3.5920 train_time:231425ms step_avg:1653.03ms
-step:150/10000 train_loss:3.5710 train_time:250076ms step_avg:1667.18ms
-late_qat:enabled step:158 scale:0.1453
-step:160/10000 train_loss:3.5389 train_time:266952ms step_avg:1668.45ms
-step:162/10000 train_loss:3.5926 train_time:270023ms step_avg:1666.81ms
-stopping_early: wallclock_cap train_time:270023ms step:162/10000
-step:162/10000 val_loss:3.5846 val_bpb:1.9597 train_time:270023ms step_avg:1666.81ms
-ema:applying EMA weights
-peak memory allocated: 953 MiB
-DIAGNOSTIC post_ema val_loss:3.5702 val_bpb:1.9519 eval_time:3394ms
-Serialized model int6+brotli: 3057502 bytes (candidates {'lzma': 3105008, 'zstd': 3205356, 'brotli': 3057464}) export_time:7978ms artifact:logs/cpu_causal_s1337.ptz
-Code size: 98697 bytes
-Total submission size int6: 3156199 bytes
-eval_budget:estimate_seconds:45 limit:300
-stage:roundtrip val_loss:3.5717 val_bpb:1.9527 eval_time:3091ms compliance:causal
-roundtrip_exact val_loss:3.57170353 val_bpb:1.95268781
-final_int6_roundtrip val_loss:3.5717 val_bpb:1.9527 eval_time:3091ms
-final_int6_roundtrip_exact val_loss:3.57170353 val_bpb:1.95268781
-stage:sliding val_loss:3.5608 val_bpb:1.9467 eval_time:10596ms compliance:causal
-sliding_exact val_loss:3.56077696 val_bpb:1.94671413
-final_int6_sliding_window val_loss:3.5608 val_bpb:1.9467 eval_time:10596ms
-final_int6_sliding_window_exact val_loss:3.56077696 val_bpb:1.94671413
-stage:sliding_slot val_loss:3.5147 val_bpb:1.9215 eval_time:10596ms compliance:causal
-sliding_slot_exact val_loss:3.51466220 val_bpb:1.92150271
-ttt_sliding:start chunks=8 chunk_tokens=8192 total_windows=1021 stride=64 ttt_lr=0.002 ttt_epochs=3 freeze_blocks=0
-ttt_sliding:params unfrozen=3003156 frozen=0
-  ttt_chunk [1/8] bpb=1.698074 time=4.6s
-  ttt_chunk [8/8] bpb=1.921724 time=28.7s
-stage:ttt val_loss:3.5615 val_bpb:1.9471 eval_time:28746ms compliance:causal
-ttt_exact val_loss:3.56152899 val_bpb:1.94712527
-legal_ttt val_loss:3.5615 val_bpb:1.9471 eval_time:28746ms
-legal_ttt_exact val_loss:3.56152899 val_bpb:1.94712527
-stage:ttt_slot val_loss:3.5151 val_bpb:1.9217 eval_time:28746ms compliance:causal
-ttt_slot_exact val_loss:3.51506694 val_bpb:1.92172398
-final stage:ttt_slot val_bpb:1.92172398 compliance:causal eval_seconds:42.4 peak_memory_mb:1086
-summary:logs/cpu_causal_s1337.json
-| stage | val_bpb | val_loss | seconds | compliance |
-|---|---|---|---|---|
-| post_ema | 1.9519 | 3.5702 | 3.4 | causal |
-| roundtrip | 1.9527 | 3.5717 | 3.1 | causal |
-| sliding | 1.9467 | 3.5608 | 10.6 | causal |
-| sliding_slot | 1.9215 | 3.5147 | 10.6 | causal |
-| ttt | 1.9471 | 3.5615 | 28.7 | causal |
-| ttt_slot | 1.9217 | 3.5151 | 28.7 | causal |
