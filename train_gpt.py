@@ -755,7 +755,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.proj = nn.Linear(dim, model_dim, bias=False) if dim != model_dim else nn.Identity()
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -769,7 +769,7 @@ class ValueEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.proj = nn.Linear(dim, kv_dim, bias=False) if dim != kv_dim else nn.Identity()
         self.scale = nn.Parameter(torch.tensor(0.1))
         self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
 
@@ -852,7 +852,8 @@ class GPT(nn.Module):
 
     def _init_weights(self):
         cfg, L = self.cfg, self.cfg.num_layers
-        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         with torch.no_grad():
             for i in range(L):
                 for bank, j in ((self.qo_bank, i), (self.kv_bank, i), (self.kv_bank, L + i), (self.mlp_up_bank, i)):
@@ -861,12 +862,11 @@ class GPT(nn.Module):
             self.mlp_down_bank.zero_()
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.embed.weight)
-            nn.init.orthogonal_(self.bigram.proj.weight)  # the reference's generic pass overrides its zero init
         if self.ve_shared is not None:
             nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
-            nn.init.orthogonal_(self.ve_shared.proj.weight)
-        if self.lm_head is not None:
-            nn.init.orthogonal_(self.lm_head.weight)
+        for m in self.modules():  # as the reference: proj orthogonal (not zero), untied head zero
+            if isinstance(m, nn.Linear):
+                (nn.init.zeros_ if m is self.lm_head else nn.init.orthogonal_)(m.weight)
 
     def banks(self):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
