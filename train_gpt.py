@@ -1039,7 +1039,7 @@ class Optimizers:
         head = [model.lm_head.weight] if model.lm_head is not None else []
         rest = [p for p in model.parameters() if id(p) not in bank_ids | emb_ids and not any(p is h for h in head)]
         groups = [dict(params=emb, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
-                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
+                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else [])
         for g in groups:
             g["base_lr"] = g["lr"]
         self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
@@ -2164,7 +2164,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
             log(f"{legacy}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
 
     t = time.perf_counter()
-    vl, vb = evaluate_plain(model, val, cfg, rt)
+    vl, vb = evaluate_plain(model, val, dataclasses.replace(cfg, train_seq_len=cfg.eval_seq_len), rt)
     record("roundtrip", {"loss": vl, "bpb": vb}, time.perf_counter() - t, "final_int6_roundtrip", "plain")
     passes = [("sliding", False, "final_int6_sliding_window")] + ([("ttt", True, "legal_ttt")] if cfg.ttt_enabled else [])
     for name, ttt, legacy in passes:
