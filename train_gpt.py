@@ -957,7 +957,7 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
 
 

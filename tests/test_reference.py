@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 import types
@@ -211,7 +212,8 @@ def test_untied_and_small_shapes(tg, ref):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_forward_and_grads(tg, ref, tied):
-    """fp32, the same weights and batch: the loss to 1e-6 relative, every gradient to 1e-4 of its norm."""
+    """fp32, the same weights and batch: the loss to 1e-6 relative, every gradient to 2e-5 of its norm or 2e-7
+    absolute (a gain whose gradient cancels to ~1e-3 keeps fp32 noise of ~1e-7)."""
     cfg = config(tg, tie_embeddings=tied)
     o, r = random_pair(tg, ref, cfg)
     x, y = batch(cfg)
@@ -224,7 +226,7 @@ def test_forward_and_grads(tg, ref, tied):
     assert sorted(go) == sorted(gr)
     for k in go:
         err = (go[k] - gr[k]).norm().item()
-        assert err <= 1e-4 * gr[k].norm().item() + 1e-9, f"{k}: |d grad| {err:.3g} vs |grad| {gr[k].norm():.3g}"
+        assert err <= 2e-5 * gr[k].norm().item() + 2e-7, f"{k}: |d grad| {err:.3g} vs |grad| {gr[k].norm():.3g}"
 
 
 def test_qat_paths(tg, ref):
@@ -269,8 +271,8 @@ def ref_optimizers(ref, model, cfg):
     """The reference's optimizer groups, as its main() builds them (tied embeddings)."""
     pats = ref.CONTROL_TENSOR_NAME_PATTERNS
     scalars = [p for n, p in model.blocks.named_parameters() if p.ndim < 2 or any(t in n for t in pats)]
-    scalars += [model.skip_weights, model.smear.gate, model.bigram.scale, model.bigram.proj.weight,
-                model.ve_shared.proj.weight, model.ve_shared.scale, *model.ve_layer_scales]
+    scalars += [model.skip_weights, model.smear.gate, model.bigram.scale, model.ve_shared.scale,
+                *model.ve_layer_scales] + [m.proj.weight for m in (model.bigram, model.ve_shared) if m.proj is not None]
     tok = [{"params": [p], "lr": cfg.tied_embed_lr, "base_lr": cfg.tied_embed_lr}
            for p in (model.tok_emb.weight, model.bigram.embed.weight, model.ve_shared.embed.weight)]
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.adam_wd, fused=True)
@@ -280,46 +282,56 @@ def ref_optimizers(ref, model, cfg):
                      momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd)]
 
 
-def test_optimizer_step(tg, ref):
-    """Two steps of each optimizer (clipping on: GRAD_CLIP_NORM binds) from the same weights and grads: every
-    Adam-stepped parameter to 1e-6; the banks' updates to bf16 rounding ('bf16 Muon state': 2% of the update),
-    with ours in bf16 Newton-Schulz (AMP) as the reference always is."""
+def test_optimizer_step(tg, ref, monkeypatch):
+    """Two steps of each optimizer (clipping on: GRAD_CLIP_NORM binds) from the same weights, each on its own
+    model's grads of the same batch. 'bf16 Muon state' removed: ours in fp32 (AMP off) and the reference's Muon with
+    Tensor.bfloat16 made the identity (its own code, in fp32). Every bank's update to 1e-4 of its norm, every Adam-stepped
+    tensor's to 1e-3 (Adam's first steps divide by sqrt(v): where a grad is near zero its fp32 noise moves the
+    update; a missing weight decay would be 4e-2)."""
     cfg = config(tg, grad_clip_norm=0.3)
     o, r = random_pair(tg, ref, cfg)
-    rt = tg.Runtime(device=torch.device("cpu"), amp=True)
+    rt = tg.Runtime(device=torch.device("cpu"), amp=False)
     opt_o, opts_r = tg.Optimizers(o, cfg, rt), ref_optimizers(ref, r, cfg)
-    seen = sorted(id(p) for g in opt_o.adam.param_groups for p in g["params"])
-    assert len(seen) + 4 == len(list(o.parameters()))
+    assert len([p for g in opt_o.adam.param_groups for p in g["params"]]) + 4 == len(list(o.parameters()))
     assert sum(len(g["params"]) for opt in opts_r for g in opt.param_groups) == len(list(r.parameters()))
+    clipped = []
     for step in range(2):
         before = {k: v.clone() for k, v in o.state_dict().items()}
-        for i, (m, opts) in enumerate(((o, None), (r, opts_r))):
-            m.zero_grad(set_to_none=True)
-            x, y = batch(cfg, seed=10 + step)
-            m(x, y).backward()
-            if opts is None:
-                opt_o.set_schedule(1.0, step)
-                opt_o.step()
-            else:
-                mom = tg.muon_momentum_at(step, cfg)
-                for g in opts[2].param_groups:
-                    g["momentum"] = mom
-                torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip_norm)
-                for opt in opts:
-                    opt.step()
-        ro = o.state_dict()
-        rr = ref_to_ours(r.state_dict())
+        x, y = batch(cfg, seed=10 + step)
+        o.zero_grad(set_to_none=True)
+        o(x, y).backward()
+        opt_o.set_schedule(1.0, step)
+        clipped.append(opt_o.step().item() > cfg.grad_clip_norm)
+        r.zero_grad(set_to_none=True)
+        r(x, y).backward()
+        for g in opts_r[2].param_groups:
+            g["momentum"] = tg.muon_momentum_at(step, cfg)
+        torch.nn.utils.clip_grad_norm_(r.parameters(), cfg.grad_clip_norm)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "bfloat16", lambda self, *a, **k: self)
+            for opt in opts_r:
+                opt.step()
+        ro, rr = o.state_dict(), ref_to_ours(r.state_dict())
         for k in ro:
             if k.endswith("_bank"):
                 uo, ur = ro[k] - before[k], rr[k] - before[k]
-                err = (uo - ur).norm() / ur.norm()
-                assert err < 0.02, f"step {step} {k}: update differs by {err:.3g} (relative)"
+                err = ((uo - ur).norm() / ur.norm()).item()
+                assert err < 1e-4, f"step {step} {k}: update differs by {err:.3g} of its norm"
             else:
-                torch.testing.assert_close(ro[k], rr[k], rtol=1e-6, atol=1e-7, msg=f"step {step} {k}")
-        with torch.no_grad():  # the next step starts from the same weights
-            for k, p in r.named_parameters():
-                if k.endswith("_bank"):
-                    p.copy_(getattr(o, k))
+                uo, ur = ro[k] - before[k], rr[k] - before[k]
+                err = ((uo - ur).norm() / ur.norm()).item()
+                assert err < 1e-3, f"step {step} {k}: update differs by {err:.3g} of its norm"
+    assert all(clipped)
+
+
+def test_newton_schulz_bf16_is_the_reference(tg, ref):
+    """Under AMP both run Newton-Schulz in bf16 with the same coefficients and order of operations: bit-identical
+    on a bf16 input (wide and tall). The bf16 rounding of the reference's grads and momentum is the only
+    difference ('bf16 Muon state')."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 64, 96), (2, 96, 64)):
+        u = torch.randn(*shape, generator=g).bfloat16()
+        assert torch.equal(tg.newton_schulz(u, 5, torch.bfloat16), ref.zeropower_via_newtonschulz5(u, 5))
 
 
 # ---- the real training loops ----
@@ -334,13 +346,17 @@ class _Log(list):
         self.append(msg)
 
 
-def test_real_loops(tg, tmp_path, monkeypatch):
-    """N steps of each program's own training loop (the reference's main(), ours train()), bf16 autocast, the same
-    initial weights and data: the train loss of every step to 2e-3 and the EMA weights after the last step.
-    'fp32 master weights' is removed by making the reference's GPT.bfloat16 a no-op (its model stays fp32)."""
+@pytest.mark.parametrize("mode", ["fp32", "amp"])
+def test_real_loops(tg, tmp_path, monkeypatch, mode):
+    """N steps of each program's own training loop (the reference's main(), ours train()), the same initial
+    weights and data. 'fp32 master weights' removed (the reference's GPT.bfloat16 a no-op: its model stays fp32).
+    fp32: autocast off on both sides and the reference's Muon in fp32 (Tensor.bfloat16 the identity, 'bf16 Muon
+    state' removed): every step's train loss to 2e-4 (the logs print 4 decimals), the EMA weights after the last
+    step to 1e-3 of their change. amp (bf16 autocast, as the runs): the loss curve to 2e-3 (bf16 Newton-Schulz
+    amplifies rounding: two bf16 updates differ by ~5%)."""
     N = 6
     cfg = config(tg, iterations=N, warmup_steps=0, max_wallclock_seconds=0.0, warmdown_iters=3, train_log_every=1,
-                 val_loss_every=0, ema_decay=0.5, amp=True)
+                 val_loss_every=0, ema_decay=0.5, amp=mode == "amp")
     data = {k: str((ROOT / getattr(cfg, k.lower())).resolve()) for k in ("DATA_PATH", "TOKENIZER_PATH")}
     if not Path(data["DATA_PATH"]).is_dir() or not Path(data["TOKENIZER_PATH"]).is_file():
         pytest.skip("the offline dataset is absent (data/)")
@@ -350,7 +366,7 @@ def test_real_loops(tg, tmp_path, monkeypatch):
            "LATE_QAT_THRESHOLD": 0, "TRAIN_BATCH_TOKENS": cfg.train_batch_tokens, "TRAIN_SEQ_LEN": 64,
            "EVAL_SEQ_LEN": 64, "VE_LAYERS": "2,3", "SEED": 7}
     for k in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "BIGRAM_VOCAB_SIZE",
-              "BIGRAM_DIM", "XSA_LAST_N", "ROPE_DIMS", "VE_DIM"):
+              "BIGRAM_DIM", "XSA_LAST_N", "ROPE_DIMS", "VE_DIM", "MUON_MOMENTUM_WARMUP_STEPS"):
         env[k] = getattr(cfg, k.lower())
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
@@ -368,32 +384,40 @@ def test_real_loops(tg, tmp_path, monkeypatch):
         def bfloat16(self):  # removes 'fp32 master weights'
             return self
 
-    def stop_at_post_ema(args, model, *a, **k):
+    def stop_at_post_ema(args, model, *a, **k):  # its 2nd eval_val: the 1st is the last step's, before the EMA
+        if not captured:
+            captured["calls"] = 1
+            return 0.0, 0.0
         captured.update({n: t.detach().float().clone() for n, t in model.state_dict().items()})
         raise _Stop
 
     monkeypatch.setattr(ref, "GPT", Seeded)
     monkeypatch.setattr(ref, "eval_val", stop_at_post_ema)
-    with pytest.raises(_Stop), contextlib.redirect_stdout(None):
+    with monkeypatch.context() as m, pytest.raises(_Stop), contextlib.redirect_stdout(None):
+        if mode == "fp32":
+            m.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+            m.setattr(torch.Tensor, "bfloat16", lambda self, *a, **k: self)
         ref.main()
     text = (tmp_path / "logs" / "ref.txt").read_text()
-    ref_losses = [float(l.split("train_loss:")[1].split()[0]) for l in text.splitlines() if "train_loss:" in l]
+    ref_losses = [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:([0-9.]+)", text, re.M)]
 
     model = tg.GPT(cfg)
     model.load_state_dict(init)
-    rt = tg.Runtime(device=torch.device("cpu"), amp=True)
+    rt = tg.Runtime(device=torch.device("cpu"), amp=mode == "amp")
     val = tg.ValData(tg.load_val_tokens(cfg)[: 2 * cfg.train_seq_len + 1], tg.load_tokenizer_luts(cfg))
     log = _Log()
     out = tg.train(cfg, rt, model, val, log)
-    ours = [float(l.split("train_loss:")[1].split()[0]) for l in log if "train_loss:" in l]
+    ours = [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:([0-9.]+)", "\n".join(log), re.M)]
     assert out["steps"] == N and len(ours) == len(ref_losses) == N
+    tol = 2e-4 if mode == "fp32" else 2e-3
     assert ours[0] == pytest.approx(ref_losses[0], abs=2e-4)  # the same initial weights and batch
     for i, (a, b) in enumerate(zip(ours, ref_losses)):
-        assert abs(a - b) < 2e-3, f"step {i + 1}: train_loss ours {a} vs reference {b} (all: {ours} vs {ref_losses})"
-    ema_o, ema_r = model.state_dict(), ref_to_ours(captured)
-    for k in ema_o:
-        err = (ema_o[k].float() - ema_r[k]).norm() / (ema_r[k] - init[k]).norm().clamp_min(1e-12)
-        assert err < 0.05, f"EMA {k}: differs by {err:.3g} of its change"
+        assert abs(a - b) <= tol, f"step {i + 1}: train_loss ours {a} vs reference {b} (all: {ours} vs {ref_losses})"
+    if mode == "fp32":
+        ema_o, ema_r = model.state_dict(), ref_to_ours(captured)
+        for k in ema_o:
+            err = ((ema_o[k] - ema_r[k]).norm() / (ema_r[k] - init[k]).norm()).item()
+            assert err < 1e-3, f"EMA {k}: differs by {err:.3g} of its change"
 
 
 # ---- the export ----
@@ -401,7 +425,7 @@ def test_export(tg, ref):
     """The same tensors and kinds (int6 attn/MLP matrices, int8 embeddings, fp16 passthrough); passthrough
     identical; int6 with one percentile on rows past the reference's 1/31 floor: identical codes and scales; our
     per-row choice never worse per row; int8 within one step where the 1/127 floor does not bind."""
-    cfg = config(tg)
+    cfg = config(tg, model_dim=128, num_heads=4)  # tok_emb past 65,536 elements: int8
     o, r = random_pair(tg, ref, cfg)
     with torch.no_grad():
         o.qo_bank.mul_(8.0)  # row maxima past 1: the reference's floor does not bind for the Q/out matrices

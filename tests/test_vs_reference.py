@@ -77,7 +77,7 @@ def test_dry_run_gives_both_sides_the_same_settings(vs, tmp_path, capsys):
     anchors.mkdir()
     (anchors / "cpu_patch.py").write_text("")
     (anchors / "pr549_train_gpt.py").write_text(
-        "\n".join(f'    x = os.environ.get("{k}", 1)' for k in ("NUM_LAYERS", "MODEL_DIM", "VE_DIM", "SEED",
+        "\n".join(f'    x = os.environ.get("{k}", 1)' for k in ("NUM_LAYERS", "MODEL_DIM", "VE_DIM", "SEED", "DATA_PATH",
                                                                  "CONTROL_TENSOR_NAME_PATTERNS", "MTP_NUM_HEADS")))
     assert vs.main(["--out", str(tmp_path), "--anchors", str(anchors), "--seeds", "5,6", "--dry-run",
                     "--env", "MODEL_DIM=128", "--env", "NUM_HEADS=2"]) == 0
