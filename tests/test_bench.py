@@ -49,7 +49,8 @@ def test_model_flops_per_token(tg):
     kv = D // cfg.num_heads * cfg.num_kv_heads
     hidden = int(cfg.mlp_mult * D)
     per_layer = 2 * D * D + 2 * kv * D + 2 * hidden * D  # q, o, k, v, up, down
-    mm = L * per_layer + V * D + D * cfg.bigram_dim + kv * cfg.ve_dim  # + tied head, bigram/VE projections
+    mm = L * per_layer + V * D + D * cfg.bigram_dim  # + tied head, bigram projection (no VE one: VE_DIM = kv)
+    assert cfg.ve_dim == kv and model.ve_shared.proj.__class__.__name__ == "Identity"
     assert b.model_flops_per_token(model, cfg) == 6 * mm + 6 * L * T * D
 
 
