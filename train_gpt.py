@@ -721,7 +721,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = proj(dim, model_dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False) if dim != model_dim else nn.Identity()
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -731,16 +731,12 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.embed(h.long()))
 
 
-def proj(dim: int, out: int) -> nn.Module:
-    """The reference's rule: a projection only between different widths."""
-    return nn.Linear(dim, out, bias=False) if dim != out else nn.Identity()
-
 
 class ValueEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.proj = proj(dim, kv_dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False) if dim != kv_dim else nn.Identity()
         self.scale = nn.Parameter(torch.tensor(0.1))
         self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
 
@@ -814,20 +810,21 @@ class GPT(nn.Module):
 
     def _init_weights(self):
         cfg, L = self.cfg, self.cfg.num_layers
-        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         with torch.no_grad():
             for i in range(L):
                 for bank, j in ((self.qo_bank, i), (self.kv_bank, i), (self.kv_bank, L + i), (self.mlp_up_bank, i)):
                     nn.init.orthogonal_(bank[j])
             self.qo_bank[L:].zero_()
             self.mlp_down_bank.zero_()
-        for m, init in ((self.bigram, nn.init.zeros_), (self.ve_shared, lambda w: nn.init.normal_(w, std=0.01))):
-            if m is not None:
-                init(m.embed.weight)
-                if isinstance(m.proj, nn.Linear):  # orthogonal as the reference (its generic pass overrides zeros)
-                    nn.init.orthogonal_(m.proj.weight)
-        if self.lm_head is not None:
-            nn.init.orthogonal_(self.lm_head.weight)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+        if self.ve_shared is not None:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+        for m in self.modules():  # as the reference: proj orthogonal (not zero), untied head zero
+            if isinstance(m, nn.Linear):
+                (nn.init.zeros_ if m is self.lm_head else nn.init.orthogonal_)(m.weight)
 
     def banks(self):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
@@ -899,7 +896,7 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
 
 
@@ -979,7 +976,7 @@ class Optimizers:
         head = [model.lm_head.weight] if model.lm_head is not None else []
         rest = [p for p in model.parameters() if id(p) not in bank_ids | emb_ids and not any(p is h for h in head)]
         groups = [dict(params=emb, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
-                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
+                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else [])
         for g in groups:
             g["base_lr"] = g["lr"]
         self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
@@ -1767,7 +1764,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
 
 
 def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
-    """Non-overlapping TRAIN_SEQ_LEN rows, every target once."""
+    """Non-overlapping TRAIN_SEQ_LEN rows (roundtrip: EVAL_SEQ_LEN), every target once."""
     rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
     r = eval_pass(model, val, dataclasses.replace(cfg, ctw_weight=0.0), rt, seq_len=cfg.train_seq_len,
                   stride=cfg.train_seq_len, batch_seqs=rows, slot=False, ttt=False)["plain"]
@@ -2028,7 +2025,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
             log(f"{legacy}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
 
     t = time.perf_counter()
-    vl, vb = evaluate_plain(model, val, cfg, rt)
+    vl, vb = evaluate_plain(model, val, dataclasses.replace(cfg, train_seq_len=cfg.eval_seq_len), rt)
     record("roundtrip", {"loss": vl, "bpb": vb}, time.perf_counter() - t, "final_int6_roundtrip", "plain")
     passes = [("sliding", False, "final_int6_sliding_window")] + ([("ttt", True, "legal_ttt")] if cfg.ttt_enabled else [])
     for name, ttt, legacy in passes:

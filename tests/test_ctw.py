@@ -179,7 +179,8 @@ def test_score_stream_mixture(tg):
     plain = tg.score_stream(model, toks, dataclasses.replace(cfg, ctw_weight=0.0))
     mixed = tg.score_stream(model, toks, cfg)
     lp = tg.ctw_log_probs(toks, cfg.vocab_size, cfg.ctw_depth)
-    assert torch.equal(mixed, tg.ctw_mix(plain, lp, cfg.ctw_weight))
+    want = tg.ctw_mix(plain, lp, cfg.ctw_weight)  # to the last bits: SIMD logaddexp rounds by lane
+    assert (mixed - want).abs().max() <= 4e-16 * want.abs().max(), (mixed - want).abs().max()
     assert not torch.equal(mixed, plain)
 
 
