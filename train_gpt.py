@@ -2055,6 +2055,8 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
         log("| stage | val_bpb | val_loss | seconds | compliance |\n|---|---|---|---|---|\n" + "\n".join(
             f"| {k} | {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['seconds']:.1f} | {s['compliance']} |"
             for k, s in summary["stages"].items()))
+    if rt.world_size > 1:
+        dist.barrier()  # no rank tears down its process group while another still writes (a gloo abort at exit)
     return summary
 
 

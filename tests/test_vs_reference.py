@@ -56,6 +56,8 @@ def test_table_and_verdicts(vs, tmp_path, capsys):
     assert rows["post_ema"].rstrip(" |").endswith("not worse")
     assert rows["roundtrip"].rstrip(" |").endswith("better")
     assert rows["sliding"].rstrip(" |").endswith("WORSE")
+    pen = rows["roundtrip - post_ema"]  # ours lose 0 to quantization, the reference 0.1 on every seed
+    assert pen.rstrip(" |").endswith("better") and "-0.1000" in pen and "-0.18000" in pen
     assert "+0.1000" in rows["sliding"] and rows["steps"].startswith("| steps | 71.0 (1.0) | 71.0 (0.0) | +0.0 |")
     assert vs.main(["--out", str(tmp_path), "--table"]) == 0
     assert "roundtrip" in capsys.readouterr().out

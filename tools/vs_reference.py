@@ -13,7 +13,8 @@ and SLOT on ours (the reference has none): the stages compared are post_ema, rou
 (the reference's summary is parsed from its log, in the format of ours, so tools/stats.py reads both). A run
 whose summary exists is not run again.
 
-The table: per seed, steps and each stage's bpb; then per stage the means, ours - reference (bpb and nats) and two
+The table: per seed, steps and each stage's bpb; then per stage (and per run's quantization penalty, roundtrip -
+post_ema) the means, ours - reference (bpb and nats) and two
 one-sided Welch tests on val_bpb (tools/stats.py): p(better), H1 ours < reference, and p(worse), H1 ours >
 reference (bpb, not nats: ours scores every val target once, the reference its rows of whole sequences and the
 sliding tail twice, so their token sets differ slightly). "not worse" means p(worse) >= --alpha. Exit status 0, 1 if a run failed, 2 on bad input.
@@ -37,6 +38,7 @@ from stats import fmt_p, mean_std, welch_improvement
 
 ANCHORS = ROOT.parent / "shared" / "anchors"
 STAGES = ("post_ema", "roundtrip", "sliding")
+PENALTY = "roundtrip - post_ema"  # the quantization penalty of each run, compared like a stage
 # the reference's log lines of each stage (its *_exact lines, 8 decimals)
 REF_LINES = {"post_ema": "DIAGNOSTIC post_ema", "roundtrip": "final_int6_roundtrip_exact",
              "sliding": "final_int6_sliding_window_exact"}
@@ -153,8 +155,14 @@ def table(runs: dict, alpha: float = 0.05) -> list[str]:
             lines.append(f"| {sd} | {side} | {s.get('steps')} | " + " | ".join(vals) + " |")
     lines += ["", "| stage | ours mean (std) | reference mean (std) | ours - ref bpb | ours - ref nats | "
               "p(better) | p(worse) | verdict |", "|---|---|---|---|---|---|---|---|"]
-    for k in ("steps",) + STAGES:
-        get = (lambda s: s.get("steps")) if k == "steps" else (lambda s: s["stages"].get(k, {}).get("val_bpb"))
+    for k in ("steps",) + STAGES + (PENALTY,):
+        if k == "steps":
+            get = lambda s, m="val_bpb": s.get("steps")
+        elif k == PENALTY:  # what quantization cost each run: roundtrip - post_ema
+            get = lambda s, m="val_bpb": (s["stages"]["roundtrip"][m] - s["stages"]["post_ema"][m]
+                                          if {"roundtrip", "post_ema"} <= set(s["stages"]) else None)
+        else:
+            get = lambda s, m="val_bpb", k=k: s["stages"].get(k, {}).get(m)
         a = [v for v in (get(s) for s in runs["ours"].values()) if v is not None]
         b = [v for v in (get(s) for s in runs["ref"].values()) if v is not None]
         if not a or not b:
@@ -165,8 +173,8 @@ def table(runs: dict, alpha: float = 0.05) -> list[str]:
         if k == "steps":
             lines.append(row + f"{ma - mb:+.1f} | | | | |")
             continue
-        la = [s["stages"][k]["val_loss"] for s in runs["ours"].values() if k in s["stages"]]
-        lb = [s["stages"][k]["val_loss"] for s in runs["ref"].values() if k in s["stages"]]
+        la = [v for v in (get(s, "val_loss") for s in runs["ours"].values()) if v is not None]
+        lb = [v for v in (get(s, "val_loss") for s in runs["ref"].values()) if v is not None]
         better = welch_improvement(b, a, 0.0)["p"]  # H1: mean(ref) - mean(ours) > 0, in bpb
         worse = welch_improvement(a, b, 0.0)["p"]  # H1: mean(ours) - mean(ref) > 0
         verdict = ("n/a" if math.isnan(worse) else
