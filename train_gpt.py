@@ -1580,20 +1580,37 @@ def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
     return F.linear(delta, W)
 
 
-def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) over (G,N,V) raw logits z, with
-    sigmoid(2(z + W delta)/c) = 1/(1 + PQ), P = exp(-2z/c), Q = exp(-2 W delta/c) (README: SLOT)."""
+def softcap_rows(P: Tensor, hot: Tensor, shift: Tensor | None, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(s, e, S, NLL) of softcapped logits z + shift: s = sigmoid(2(z + shift)/c) = 1/(1 + PQ), P = exp(-2z/c)
+    (G,N,V), Q = exp(-2 shift/c) (G,V); e = exp(2c(s-1)) (<= 1: needs no max); row sums S; NLL log S - 2c(s_y - 1)."""
+    s = 1 / (1 + (P if shift is None else P * torch.exp((shift * (-2 / c)).clamp(-80, 43))[:, None, :]))
+    e = torch.exp((s - 1) * (2 * c))
+    S = e.sum(-1)
+    return s, e, S, torch.log(S) - ((s * hot).sum(-1) - 1) * (2 * c)
+
+
+def logit_rows(z: Tensor, y: Tensor, G: int, c: float) -> tuple[Tensor, Tensor, tuple]:
+    """Raw logits z (...,V) in G groups: P (G,N,V), the targets' one-hot and softcap_rows at shift 0."""
+    V = z.size(-1)
+    P = torch.exp((z * (-2 / c)).clamp(-80, 43)).view(G, -1, V)  # PQ stays finite
+    hot = (y.int()[..., None] == torch.arange(V, device=z.device, dtype=torch.int32)).view(G, -1, V)  # int32: cheaper
+    return P, hot, softcap_rows(P, hot, None, c)
+
+
+def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config, rows: tuple | None = None) -> Tensor:
+    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) over (G,N,V) (README: SLOT).
+    rows: logit_rows(z, y, G), when the caller has them."""
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
-    (G, N, V), k = z.shape, math.gcd(z.size(1), 8)
-    W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
-    P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # PQ stays finite
-    hot = y.int()[..., None] == torch.arange(V, device=z.device, dtype=torch.int32)  # int32: cheaper
-    delta = z.new_zeros(G, W.size(1))
+    G, V = wt.size(0), z.size(-1)
+    P, hot, (s, e, S, _) = rows or logit_rows(z, y, G, c)
+    N, k = P.size(1), math.gcd(P.size(1), 8)
+    W, wt = W.to(P.dtype), (4 * wt).to(P.dtype)
+    delta = P.new_zeros(G, W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
     for t in range(1, cfg.slot_steps + 1):
-        s = 1 / (1 + P * torch.exp((slot_shift(delta, W) * (-2 / c)).clamp(-80, 43))[:, None, :])
-        e = torch.exp((s - 1) * (2 * c))
-        gu = ((e * (wt / e.sum(-1))[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, N // k, k, V)
+        if t > 1:
+            s, e, S, _ = softcap_rows(P, hot, slot_shift(delta, W), c)
+        gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, N // k, k, V)
         gu = gu.sum(2).sum(1)  # dL/d(W delta) (G,V), fixed order: k rows, then blocks (CPU inductor: 1 pass is ~3x slower)
         g = gu @ W  # dL/d delta (G,D)
         m = m * b1 + g * (1 - b1)
@@ -1602,16 +1619,15 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tenso
     return delta
 
 
-def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bool) -> tuple[Tensor, Tensor | None]:
-    """Per-position NLL (B,T) on h (B,T,D): plain and, with slot, with the fitted delta."""
-    z = F.linear(h, W)
-    plain = softcap_nll(z, y, cfg.logit_softcap)
-    if not slot:
+def head_nll(h: Tensor, W: Tensor, y: Tensor, wt: Tensor | None, cfg: Config) -> tuple[Tensor, Tensor | None]:
+    """Per-position NLL (B,T) on h (B,T,D): plain and, with SLOT fit weights wt (G,N), with the fitted delta."""
+    c, z = cfg.logit_softcap, F.linear(h, W)
+    rows = logit_rows(z, y, 1 if wt is None else wt.size(0), c)
+    plain = rows[2][3].view(y.shape)
+    if wt is None:
         return plain, None
-    wt = slot_weights(los, z.size(1), cfg.slot_mode, cfg.slot_context)
-    G, V = wt.size(0), z.size(-1)
-    delta = fit_delta(z.view(G, -1, V), y.reshape(G, -1), wt, W, cfg)
-    return plain, softcap_nll(z + slot_shift(delta, W).view(G, 1, V), y, cfg.logit_softcap)
+    delta = fit_delta(z, y, wt, W, cfg, rows)
+    return plain, softcap_rows(rows[0], rows[1], slot_shift(delta, W), c)[3].view(y.shape)
 
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
@@ -1621,7 +1637,8 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
         with amp_ctx(rt):
             h = hidden_fn(x)
         h = wide(h)  # a float64 model stays float64
-        nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, los, cfg, slot)
+        wt = slot_weights(los, x.size(1), cfg.slot_mode, cfg.slot_context) if slot else None
+        nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, wt, cfg)
     scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
     return scored, {v: torch.where(scored, t, 0).double() for v, t in zip(("plain", "slot"), nll) if t is not None}
 

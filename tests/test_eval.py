@@ -253,7 +253,7 @@ def test_positive_control_batch_shared_causal_delta_leaks(tg, model, tokens, bas
     """Causal (context-only) rows but ONE delta shared by the batch, as in PRs #1217/#1333: must be caught."""
     real = tg.fit_delta
 
-    def shared(z, y, wt, W, cfg):
+    def shared(z, y, wt, W, cfg, rows=None):  # the real rows are grouped per window
         G, V = z.size(0), z.size(-1)
         return real(z.reshape(1, -1, V), y.reshape(1, -1), wt.reshape(1, -1) / G, W, cfg).expand(G, -1)
 
