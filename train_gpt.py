@@ -1581,8 +1581,8 @@ def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
 
 
 def softcap_rows(P: Tensor, hot: Tensor, shift: Tensor | None, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(s, e, S, NLL) of softcapped logits z + shift: s = sigmoid(2(z + shift)/c) = 1/(1 + PQ), P = exp(-2z/c)
-    (G,N,V), Q = exp(-2 shift/c) (G,V); e = exp(2c(s-1)) (<= 1: needs no max); row sums S; NLL log S - 2c(s_y - 1)."""
+    """(s, e, S, NLL) of softcap(z + shift): s = sigmoid(2(z + shift)/c) = 1/(1 + PQ), P = exp(-2z/c) (G,N,V),
+    Q = exp(-2 shift/c) (G,V); e = exp(2c(s-1)) <= 1 (no max); S = sum e; NLL = log S - 2c(s_y - 1)."""
     s = 1 / (1 + (P if shift is None else P * torch.exp((shift * (-2 / c)).clamp(-80, 43))[:, None, :]))
     e = torch.exp((s - 1) * (2 * c))
     S = e.sum(-1)
@@ -1590,7 +1590,7 @@ def softcap_rows(P: Tensor, hot: Tensor, shift: Tensor | None, c: float) -> tupl
 
 
 def logit_rows(z: Tensor, y: Tensor, G: int, c: float) -> tuple[Tensor, Tensor, tuple]:
-    """Raw logits z (...,V) in G groups: P (G,N,V), the targets' one-hot and softcap_rows at shift 0."""
+    """Raw logits z in G groups: P (G,N,V), targets' one-hot, softcap_rows at shift 0."""
     V = z.size(-1)
     P = torch.exp((z * (-2 / c)).clamp(-80, 43)).view(G, -1, V)  # PQ stays finite
     hot = (y.int()[..., None] == torch.arange(V, device=z.device, dtype=torch.int32)).view(G, -1, V)  # int32: cheaper
@@ -1598,8 +1598,7 @@ def logit_rows(z: Tensor, y: Tensor, G: int, c: float) -> tuple[Tensor, Tensor, 
 
 
 def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config, rows: tuple | None = None) -> Tensor:
-    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) over (G,N,V) (README: SLOT).
-    rows: logit_rows(z, y, G), when the caller has them."""
+    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) (README: SLOT); rows: logit_rows."""
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
     G, V = wt.size(0), z.size(-1)
     P, hot, (s, e, S, _) = rows or logit_rows(z, y, G, c)
@@ -1611,7 +1610,7 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config, rows: tu
         if t > 1:
             s, e, S, _ = softcap_rows(P, hot, slot_shift(delta, W), c)
         gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, N // k, k, V)
-        gu = gu.sum(2).sum(1)  # dL/d(W delta) (G,V), fixed order: k rows, then blocks (CPU inductor: 1 pass is ~3x slower)
+        gu = gu.sum(2).sum(1)  # dL/d(W delta) (G,V), fixed order: k rows, then blocks (README: SLOT)
         g = gu @ W  # dL/d delta (G,D)
         m = m * b1 + g * (1 - b1)
         v = v * b2 + g * g * (1 - b2)
