@@ -1564,25 +1564,21 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
     return [(s, min(seq_len, hi - s)) for s in range(lo, hi, seq_len)]
 
 
-def slot_weights(los: Tensor, T: int, mode: str, context: int) -> Tensor:
-    """SLOT fit weights (G,N), G*N = B*T, summing to 1 per group (los: first scored positions; T: padding).
-    batch (NOT causal): one group. causal: per window, `context` (0: all) positions before los."""
-    pos, lo = torch.arange(T, device=los.device)[None, :], los[:, None]
+def slot_weights(los: Tensor, T: int, mode: str, context: int, stride: int) -> Tensor:
+    """Fit weights (G,F) of each group's first F rows, sum 1 per group (los: first scored rows, T: padding; README:
+    SLOT). batch: one group, F = B*T. causal: F = T - stride, the `context` (0: all) rows before min(los, F)."""
+    lo, n = los[:, None], T if mode == "batch" else max(T - stride, 0)
+    pos, end = torch.arange(n, device=los.device)[None, :], lo.clamp_max(n)
     if mode == "batch":
         fit = (pos < T - 1) & (lo < T)
         return (fit / fit.sum().clamp_min(1)).view(1, -1)
-    fit = (pos < lo) & (pos >= lo - (context or T)) & (lo < T)
+    fit = (pos < end) & (pos >= end - (context or T)) & (lo < T)
     return fit / fit.sum(1, keepdim=True).clamp_min(1)
 
 
-def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
-    """(G,D) deltas -> (G,V) logit shifts W delta."""
-    return F.linear(delta, W)
-
-
 def softcap_rows(P: Tensor, hot: Tensor, shift: Tensor | None, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(s, e, S, NLL) of softcap(z + shift): s = sigmoid(2(z + shift)/c) = 1/(1 + PQ), P = exp(-2z/c) (G,N,V),
-    Q = exp(-2 shift/c) (G,V); e = exp(2c(s-1)) <= 1 (no max); S = sum e; NLL = log S - 2c(s_y - 1)."""
+    """(s, e, S, NLL) of softcap(z + shift): s = sigmoid(2(z+shift)/c) = 1/(1+PQ), P = exp(-2z/c) (G,N,V), Q =
+    exp(-2shift/c) (G,V); e = exp(2c(s-1)) <= 1 (no max); S = sum e; NLL = log S - 2c(s_y - 1)."""
     s = 1 / (1 + (P if shift is None else P * torch.exp((shift * (-2 / c)).clamp(-80, 43))[:, None, :]))
     e = torch.exp((s - 1) * (2 * c))
     S = e.sum(-1)
@@ -1593,23 +1589,24 @@ def logit_rows(z: Tensor, y: Tensor, G: int, c: float) -> tuple[Tensor, Tensor, 
     """Raw logits z in G groups: P (G,N,V), targets' one-hot, softcap_rows at shift 0."""
     V = z.size(-1)
     P = torch.exp((z * (-2 / c)).clamp(-80, 43)).view(G, -1, V)  # PQ stays finite
-    hot = (y.int()[..., None] == torch.arange(V, device=z.device, dtype=torch.int32)).view(G, -1, V)  # int32: cheaper
+    hot = (y.int()[..., None] == torch.arange(V, device=z.device, dtype=torch.int32)).view(G, -1, V)
     return P, hot, softcap_rows(P, hot, None, c)
 
 
 def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config, rows: tuple | None = None) -> Tensor:
-    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) (README: SLOT); rows: logit_rows."""
+    """AdamW on one delta per group: min sum wt CE(softcap(z + W delta), y) (README: SLOT); rows: logit_rows."""
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
-    G, V = wt.size(0), z.size(-1)
+    G, n = wt.shape
     P, hot, (s, e, S, _) = rows or logit_rows(z, y, G, c)
-    N, k = P.size(1), math.gcd(P.size(1), 8)
+    P, hot, s, e, S = P[:, :n], hot[:, :n], s[:, :n], e[:, :n], S[:, :n]
+    k = math.gcd(n, 8)
     W, wt = W.to(P.dtype), (4 * wt).to(P.dtype)
     delta = P.new_zeros(G, W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
     for t in range(1, cfg.slot_steps + 1):
         if t > 1:
-            s, e, S, _ = softcap_rows(P, hot, slot_shift(delta, W), c)
-        gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, N // k, k, V)
+            s, e, S, _ = softcap_rows(P, hot, F.linear(delta, W), c)
+        gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, n // k, k, -1)
         gu = gu.sum(2).sum(1)  # dL/d(W delta) (G,V), fixed order: k rows, then blocks (README: SLOT)
         g = gu @ W  # dL/d delta (G,D)
         m = m * b1 + g * (1 - b1)
@@ -1626,7 +1623,7 @@ def head_nll(h: Tensor, W: Tensor, y: Tensor, wt: Tensor | None, cfg: Config) ->
     if wt is None:
         return plain, None
     delta = fit_delta(z, y, wt, W, cfg, rows)
-    return plain, softcap_rows(rows[0], rows[1], slot_shift(delta, W), c)[3].view(y.shape)
+    return plain, softcap_rows(rows[0], rows[1], F.linear(delta, W), c)[3].view(y.shape)
 
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
@@ -1636,7 +1633,7 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
         with amp_ctx(rt):
             h = hidden_fn(x)
         h = wide(h)  # a float64 model stays float64
-        wt = slot_weights(los, x.size(1), cfg.slot_mode, cfg.slot_context) if slot else None
+        wt = slot_weights(los, x.size(1), cfg.slot_mode, cfg.slot_context, cfg.eval_stride) if slot else None
         nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, wt, cfg)
     scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
     return scored, {v: torch.where(scored, t, 0).double() for v, t in zip(("plain", "slot"), nll) if t is not None}

@@ -121,15 +121,16 @@ def test_window_chunks_and_ttt_rows(tg):
 
 
 def test_slot_weights(tg):
-    los = torch.tensor([0, 24, 24, 30, 32])  # the last: a padding window
-    wt = tg.slot_weights(los, 32, "causal", 0)
+    los = torch.tensor([0, 24, 12, 30, 32])  # the last: a padding window
+    wt = tg.slot_weights(los, 32, "causal", 0, 8)  # causal: the first T - stride = 24 rows of each window
     fit = wt > 0
-    assert wt.shape == (5, 32) and fit.sum(1).tolist() == [0, 24, 24, 30, 0]
-    assert not bool((fit & (torch.arange(32)[None] >= los[:, None])).any())  # never a scored row
+    assert wt.shape == (5, 24) and fit.sum(1).tolist() == [0, 24, 12, 24, 0]
+    assert not bool((fit & (torch.arange(24)[None] >= los[:, None])).any())  # never a scored row
     torch.testing.assert_close(wt.sum(1), torch.tensor([0.0, 1, 1, 1, 0]))  # each window's mean loss
-    fit = tg.slot_weights(los, 32, "causal", 5) > 0
-    assert fit.sum(1).tolist() == [0, 5, 5, 5, 0] and bool(fit[3, 25:30].all())
-    wt = tg.slot_weights(los, 32, "batch", 0)
+    fit = tg.slot_weights(los, 32, "causal", 5, 8) > 0
+    assert fit.sum(1).tolist() == [0, 5, 5, 5, 0] and bool(fit[3, 19:24].all()) and bool(fit[2, 7:12].all())
+    assert tg.slot_weights(los, 32, "causal", 0, 32).shape == (5, 0)  # stride >= T: every window lo = 0
+    wt = tg.slot_weights(los, 32, "batch", 0, 8)
     fit = wt.view(5, 32) > 0
     assert wt.shape == (1, 5 * 32) and float(wt.sum()) == pytest.approx(1.0)  # one group: the whole batch
     assert bool(fit[:4, :31].all()) and not bool(fit[:, 31].any()) and not bool(fit[4].any())
@@ -264,7 +265,7 @@ def test_positive_control_batch_shared_causal_delta_leaks(tg, model, tokens, bas
 
 def test_positive_control_fit_on_scored_rows_leaks(tg, model, tokens, base, monkeypatch):
     """Per-window delta whose fit rows include the window's scored rows: must be caught."""
-    monkeypatch.setattr(tg, "slot_weights", lambda los, T, mode, context: torch.full((los.numel(), T), 1 / T))
+    monkeypatch.setattr(tg, "slot_weights", lambda los, T, mode, context, stride: torch.full((los.numel(), T), 1 / T))
     found = leaks(tg, model, tokens, cfg_of(base, slot_enabled=True))
     assert sum(found.values()) > 0
 
@@ -272,7 +273,7 @@ def test_positive_control_fit_on_scored_rows_leaks(tg, model, tokens, base, monk
 def test_positive_control_fit_on_first_scored_row_leaks(tg, model, base, monkeypatch):
     """Off by one: the fit rows include the window's first scored row. Only that row's own prediction leaks (later
     ones may depend on it), which the perturbation test cannot see; the target sweep does."""
-    def off_by_one(los, T, mode, context):
+    def off_by_one(los, T, mode, context, stride):
         fit = torch.arange(T)[None, :] <= los[:, None]
         return fit / fit.sum(1, keepdim=True)
 
@@ -352,6 +353,18 @@ def fit_problem(rows=(7, 0, 12, 3), D=16, seed=4, extra=2, dtype=torch.float64, 
     y = torch.randint(0, vocab, (G, N), generator=g)
     fit = torch.arange(N)[None, :] < torch.tensor(rows)[:, None]
     return z, y, fit / fit.sum(1, keepdim=True).clamp_min(1), W
+
+
+def test_fit_delta_fits_only_the_first_rows(tg, base):
+    """wt (G,F) fits each group's first F rows (causal SLOT's static slice): later rows are never read, and the
+    delta is the one of zero weights there (to rounding: the row blocks of the sum differ)."""
+    cfg = cfg_of(base, slot_steps=6)
+    z, y, wt, W = fit_problem()
+    part = tg.fit_delta(z, y, wt[:, :12], W, cfg)
+    z2 = z.clone()
+    z2[:, 12:] = float("nan")
+    assert torch.equal(tg.fit_delta(z2, y, wt[:, :12], W, cfg), part) and bool(part.isfinite().all())
+    torch.testing.assert_close(part, tg.fit_delta(z, y, wt, W, cfg), rtol=0, atol=1e-12)
 
 
 def test_fit_delta_groups_do_not_interact(tg, base):

@@ -194,9 +194,9 @@ def test_check_causality_catches_a_leak_labelled_causal(tools, monkeypatch, caps
     tg = tools["_common"].tg
     real = tg.slot_weights
 
-    def leaky(los, T, mode, context):
+    def leaky(los, T, mode, context, stride):
         if mode != "causal":
-            return real(los, T, mode, context)
+            return real(los, T, mode, context, stride)
         return torch.full((los.numel(), T), 1 / T, device=los.device)
 
     monkeypatch.setattr(tg, "slot_weights", leaky)

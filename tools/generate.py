@@ -48,7 +48,7 @@ def fit_prompt_delta(model, ids: list[int], h: torch.Tensor, cfg, steps: int, lr
     wt = torch.full((1, y.numel()), 1 / y.numel())
     delta = tg.fit_delta(z[None], y[None], wt, W, dataclasses.replace(cfg, slot_steps=steps, slot_lr=lr))
     before = F.cross_entropy(model.softcap(z), y).item()
-    after = F.cross_entropy(model.softcap(z + tg.slot_shift(delta, W)), y).item()
+    after = F.cross_entropy(model.softcap(z + delta @ W.T), y).item()
     return delta, before, after
 
 
