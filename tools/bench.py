@@ -39,8 +39,9 @@ quant: round-to-nearest against GPTQ int6 on the same trained weights, at the ru
 steps, at equal artifact bytes; --competition times calibration and GPTQ of the competition-shaped model and
 estimates 8xH100 (tools/bench_quant.py has the details).
 
-Floors: SLOT adds at most 10% time to its pass and at most 10% peak memory, in both modes (the SLOT issue); CTW adds
-at most 25% time to the sliding pass (the CTW issue) and at most 10% peak memory.
+Floors: SLOT adds at most 20% time to its pass (the one-code-path issue, which replaced the SLOT issue's 10% of the
+C kernels) and at most 10% peak memory, in both modes; CTW adds at most 25% time to the sliding pass (the CTW issue)
+and at most 10% peak memory.
 Exit status: 0 (also when a floor is missed: the table says so), 2 on bad input.
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FLOOR_TIME, FLOOR_MEM, FLOOR_CTW = 0.10, 0.10, 0.25
+FLOOR_TIME, FLOOR_MEM, FLOOR_CTW = 0.20, 0.10, 0.25
 
 
 class BenchError(Exception):
