@@ -721,7 +721,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, dim)
-        self.proj = proj(dim, model_dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False) if dim != model_dim else nn.Identity()
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -731,16 +731,12 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.embed(h.long()))
 
 
-def proj(dim: int, out: int) -> nn.Module:
-    """The reference's rule: a projection only between different widths."""
-    return nn.Linear(dim, out, bias=False) if dim != out else nn.Identity()
-
 
 class ValueEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, kv_dim: int, n_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.proj = proj(dim, kv_dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False) if dim != kv_dim else nn.Identity()
         self.scale = nn.Parameter(torch.tensor(0.1))
         self.ve_layer_scales = nn.Parameter(torch.ones(n_layers))
 
@@ -814,20 +810,21 @@ class GPT(nn.Module):
 
     def _init_weights(self):
         cfg, L = self.cfg, self.cfg.num_layers
-        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         with torch.no_grad():
             for i in range(L):
                 for bank, j in ((self.qo_bank, i), (self.kv_bank, i), (self.kv_bank, L + i), (self.mlp_up_bank, i)):
                     nn.init.orthogonal_(bank[j])
             self.qo_bank[L:].zero_()
             self.mlp_down_bank.zero_()
-        for m, init in ((self.bigram, nn.init.zeros_), (self.ve_shared, lambda w: nn.init.normal_(w, std=0.01))):
-            if m is not None:
-                init(m.embed.weight)
-                if isinstance(m.proj, nn.Linear):  # orthogonal as the reference (its generic pass overrides zeros)
-                    nn.init.orthogonal_(m.proj.weight)
-        if self.lm_head is not None:
-            nn.init.orthogonal_(self.lm_head.weight)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+        if self.ve_shared is not None:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+        for m in self.modules():  # as the reference: proj orthogonal (not zero), untied head zero
+            if isinstance(m, nn.Linear):
+                (nn.init.zeros_ if m is self.lm_head else nn.init.orthogonal_)(m.weight)
 
     def banks(self):
         return (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
@@ -899,7 +896,7 @@ def newton_schulz(G: Tensor, steps: int, dtype=torch.bfloat16) -> Tensor:
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if tall else X
 
 
@@ -979,7 +976,7 @@ class Optimizers:
         head = [model.lm_head.weight] if model.lm_head is not None else []
         rest = [p for p in model.parameters() if id(p) not in bank_ids | emb_ids and not any(p is h for h in head)]
         groups = [dict(params=emb, lr=cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr),
-                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr)] if head else [])
+                  dict(params=rest, lr=cfg.scalar_lr)] + ([dict(params=head, lr=cfg.head_lr, weight_decay=0.0)] if head else [])
         for g in groups:
             g["base_lr"] = g["lr"]
         self.adam = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
@@ -1567,35 +1564,50 @@ def ttt_rows(lo: int, hi: int, seq_len: int) -> list[tuple[int, int]]:
     return [(s, min(seq_len, hi - s)) for s in range(lo, hi, seq_len)]
 
 
-def slot_weights(los: Tensor, T: int, mode: str, context: int) -> Tensor:
-    """SLOT fit weights (G,N), G*N = B*T, summing to 1 per group (los: first scored positions; T: padding).
-    batch (NOT causal): one group. causal: per window, `context` (0: all) positions before los."""
-    pos, lo = torch.arange(T, device=los.device)[None, :], los[:, None]
+def slot_weights(los: Tensor, T: int, mode: str, context: int, stride: int) -> Tensor:
+    """Fit weights (G,F) of each group's first F rows, sum 1 per group (los: first scored rows, T: padding; README:
+    SLOT). batch: one group, F = B*T. causal: F = T - stride, the `context` (0: all) rows before min(los, F)."""
+    lo, n = los[:, None], T if mode == "batch" else max(T - stride, 0)
+    pos, end = torch.arange(n, device=los.device)[None, :], lo.clamp_max(n)
     if mode == "batch":
         fit = (pos < T - 1) & (lo < T)
         return (fit / fit.sum().clamp_min(1)).view(1, -1)
-    fit = (pos < lo) & (pos >= lo - (context or T)) & (lo < T)
+    fit = (pos < end) & (pos >= end - (context or T)) & (lo < T)
     return fit / fit.sum(1, keepdim=True).clamp_min(1)
 
 
-def slot_shift(delta: Tensor, W: Tensor) -> Tensor:
-    """(G,D) deltas -> (G,V) logit shifts W delta."""
-    return F.linear(delta, W)
+def softcap_rows(P: Tensor, hot: Tensor, shift: Tensor | None, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(s, e, S, NLL) of softcap(z + shift): s = sigmoid(2(z+shift)/c) = 1/(1+PQ), P = exp(-2z/c) (G,N,V), Q =
+    exp(-2shift/c) (G,V); e = exp(2c(s-1)) <= 1 (no max); S = sum e; NLL = log S - 2c(s_y - 1)."""
+    s = 1 / (1 + (P if shift is None else P * torch.exp((shift * (-2 / c)).clamp(-80, 43))[:, None, :]))
+    e = torch.exp((s - 1) * (2 * c))
+    S = e.sum(-1)
+    return s, e, S, torch.log(S) - ((s * hot).sum(-1) - 1) * (2 * c)
 
 
-def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tensor:
-    """AdamW on one delta per group, min sum wt CE(softcap(z + W delta), y) over (G,N,V) raw logits z, with
-    sigmoid(2(z + W delta)/c) = 1/(1 + PQ), P = exp(-2z/c), Q = exp(-2 W delta/c) (README: SLOT)."""
+def logit_rows(z: Tensor, y: Tensor, G: int, c: float) -> tuple[Tensor, Tensor, tuple]:
+    """Raw logits z in G groups: P (G,N,V), targets' one-hot, softcap_rows at shift 0."""
+    V = z.size(-1)
+    P = torch.exp((z * (-2 / c)).clamp(-80, 43)).view(G, -1, V)  # PQ stays finite
+    hot = (y.int()[..., None] == torch.arange(V, device=z.device, dtype=torch.int32)).view(G, -1, V)
+    return P, hot, softcap_rows(P, hot, None, c)
+
+
+def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config, rows: tuple | None = None) -> Tensor:
+    """AdamW on one delta per group: min sum wt CE(softcap(z + W delta), y) (README: SLOT); rows: logit_rows."""
     c, b1, b2, lr = cfg.logit_softcap, cfg.slot_beta1, cfg.slot_beta2, cfg.slot_lr
-    W, wt = W.to(z.dtype), (4 * wt).to(z.dtype)
-    P = torch.exp((z * (-2 / c)).clamp(-80, 43))  # PQ stays finite
-    hot = y.int()[..., None] == torch.arange(z.size(-1), device=z.device, dtype=torch.int32)  # int32: cheaper
-    delta = z.new_zeros(z.size(0), W.size(1))
+    G, n = wt.shape
+    P, hot, (s, e, S, _) = rows or logit_rows(z, y, G, c)
+    P, hot, s, e, S = P[:, :n], hot[:, :n], s[:, :n], e[:, :n], S[:, :n]
+    k = math.gcd(n, 8)
+    W, wt = W.to(P.dtype), (4 * wt).to(P.dtype)
+    delta = P.new_zeros(G, W.size(1))
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
     for t in range(1, cfg.slot_steps + 1):
-        s = 1 / (1 + P * torch.exp((slot_shift(delta, W) * (-2 / c)).clamp(-80, 43))[:, None, :])
-        e = torch.exp((s - 1) * (2 * c))
-        gu = ((e * (wt / e.sum(-1))[..., None] - hot * wt[..., None]) * (s - s * s)).sum(1)  # dL/d(W delta) (G,V)
+        if t > 1:
+            s, e, S, _ = softcap_rows(P, hot, F.linear(delta, W), c)
+        gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, n // k, k, -1)
+        gu = gu.sum(2).sum(1)  # dL/d(W delta) (G,V), fixed order: k rows, then blocks (README: SLOT)
         g = gu @ W  # dL/d delta (G,D)
         m = m * b1 + g * (1 - b1)
         v = v * b2 + g * g * (1 - b2)
@@ -1603,16 +1615,15 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config) -> Tenso
     return delta
 
 
-def head_nll(h: Tensor, W: Tensor, y: Tensor, los: Tensor, cfg: Config, slot: bool) -> tuple[Tensor, Tensor | None]:
-    """Per-position NLL (B,T) on h (B,T,D): plain and, with slot, with the fitted delta."""
-    z = F.linear(h, W)
-    plain = softcap_nll(z, y, cfg.logit_softcap)
-    if not slot:
+def head_nll(h: Tensor, W: Tensor, y: Tensor, wt: Tensor | None, cfg: Config) -> tuple[Tensor, Tensor | None]:
+    """Per-position NLL (B,T) on h (B,T,D): plain and, with SLOT fit weights wt (G,N), with the fitted delta."""
+    c, z = cfg.logit_softcap, F.linear(h, W)
+    rows = logit_rows(z, y, 1 if wt is None else wt.size(0), c)
+    plain = rows[2][3].view(y.shape)
+    if wt is None:
         return plain, None
-    wt = slot_weights(los, z.size(1), cfg.slot_mode, cfg.slot_context)
-    G, V = wt.size(0), z.size(-1)
-    delta = fit_delta(z.view(G, -1, V), y.reshape(G, -1), wt, W, cfg)
-    return plain, softcap_nll(z + slot_shift(delta, W).view(G, 1, V), y, cfg.logit_softcap)
+    delta = fit_delta(z, y, wt, W, cfg, rows)
+    return plain, softcap_rows(rows[0], rows[1], F.linear(delta, W), c)[3].view(y.shape)
 
 
 def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: Config, rt: Runtime,
@@ -1622,7 +1633,8 @@ def score_batch(model: GPT, hidden_fn, x: Tensor, y: Tensor, los: Tensor, cfg: C
         with amp_ctx(rt):
             h = hidden_fn(x)
         h = wide(h)  # a float64 model stays float64
-        nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, los, cfg, slot)
+        wt = slot_weights(los, x.size(1), cfg.slot_mode, cfg.slot_context, cfg.eval_stride) if slot else None
+        nll = rt.fn(head_nll)(h, model.head_weight().to(h.dtype), y, wt, cfg)
     scored = torch.arange(x.size(1), device=x.device)[None, :] >= los[:, None]
     return scored, {v: torch.where(scored, t, 0).double() for v, t in zip(("plain", "slot"), nll) if t is not None}
 
@@ -1767,7 +1779,7 @@ def eval_pass(model: GPT, val: ValData, cfg: Config, rt: Runtime, *, seq_len: in
 
 
 def evaluate_plain(model: GPT, val: ValData, cfg: Config, rt: Runtime) -> tuple[float, float]:
-    """Non-overlapping TRAIN_SEQ_LEN rows, every target once."""
+    """Non-overlapping TRAIN_SEQ_LEN rows (roundtrip: EVAL_SEQ_LEN), every target once."""
     rows = max(cfg.val_batch_size // (rt.world_size * cfg.train_seq_len), 1)
     r = eval_pass(model, val, dataclasses.replace(cfg, ctw_weight=0.0), rt, seq_len=cfg.train_seq_len,
                   stride=cfg.train_seq_len, batch_seqs=rows, slot=False, ttt=False)["plain"]
@@ -2028,7 +2040,7 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
             log(f"{legacy}_exact val_loss:{r['loss']:.8f} val_bpb:{r['bpb']:.8f}")
 
     t = time.perf_counter()
-    vl, vb = evaluate_plain(model, val, cfg, rt)
+    vl, vb = evaluate_plain(model, val, dataclasses.replace(cfg, train_seq_len=cfg.eval_seq_len), rt)
     record("roundtrip", {"loss": vl, "bpb": vb}, time.perf_counter() - t, "final_int6_roundtrip", "plain")
     passes = [("sliding", False, "final_int6_sliding_window")] + ([("ttt", True, "legal_ttt")] if cfg.ttt_enabled else [])
     for name, ttt, legacy in passes:
@@ -2058,6 +2070,8 @@ def _run(cfg: Config, rt: Runtime, env: dict, run_id: str, out_dir: Path, loaded
         log("| stage | val_bpb | val_loss | seconds | compliance |\n|---|---|---|---|---|\n" + "\n".join(
             f"| {k} | {s['val_bpb']:.4f} | {s['val_loss']:.4f} | {s['seconds']:.1f} | {s['compliance']} |"
             for k, s in summary["stages"].items()))
+    if rt.world_size > 1:
+        dist.barrier()  # no rank tears down its process group while another still writes (a gloo abort at exit)
     return summary
 
 
