@@ -1606,7 +1606,7 @@ def fit_delta(z: Tensor, y: Tensor, wt: Tensor, W: Tensor, cfg: Config, rows: tu
     for t in range(1, cfg.slot_steps + 1):
         if t > 1:
             s, e, S, _ = softcap_rows(P, hot, F.linear(delta, W), c)
-        gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, n // k, k, -1)
+        gu = ((e * (wt / S)[..., None] - hot * wt[..., None]) * (s - s * s)).view(G, n // k, k, P.size(-1))
         gu = gu.sum(2).sum(1)  # dL/d(W delta) (G,V), fixed order: k rows, then blocks (README: SLOT)
         g = gu @ W  # dL/d delta (G,D)
         m = m * b1 + g * (1 - b1)

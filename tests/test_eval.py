@@ -365,6 +365,7 @@ def test_fit_delta_fits_only_the_first_rows(tg, base):
     z2[:, 12:] = float("nan")
     assert torch.equal(tg.fit_delta(z2, y, wt[:, :12], W, cfg), part) and bool(part.isfinite().all())
     torch.testing.assert_close(part, tg.fit_delta(z, y, wt, W, cfg), rtol=0, atol=1e-12)
+    assert torch.equal(tg.fit_delta(z, y, wt[:, :0], W, cfg), torch.zeros_like(part))  # EVAL_STRIDE >= EVAL_SEQ_LEN
 
 
 def test_fit_delta_groups_do_not_interact(tg, base):
@@ -548,3 +549,10 @@ def test_compiled_path_is_causal(tg, model32, tokens, base, kw):
     cfg = cfg_of(base, slot_enabled=True, compile_head=True, **kw)
     assert leaks(tg, model32, tokens, cfg, probes=PROBES[::2]) == {u: 0 for u in PROBES[::2]}
     assert sum(leaks(tg, model32, tokens, cfg_of(cfg, slot_mode="batch"), probes=PROBES[::3]).values()) > 0
+
+
+def test_causal_slot_with_stride_of_a_whole_window(tg, model, tokens, base):
+    """EVAL_STRIDE = EVAL_SEQ_LEN: every window scores from 0, causal SLOT has no rows to fit (delta 0)."""
+    cfg = cfg_of(base, slot_enabled=True, eval_stride=base.eval_seq_len)
+    out = run_pass(tg, model, tokens, cfg, slot=True, ttt=False)
+    assert out["slot"]["nll"] == out["plain"]["nll"] and out["slot"]["tokens"] == tokens.numel() - 1
